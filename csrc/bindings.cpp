@@ -1,0 +1,121 @@
+// rankops._C: a thin pybind11 layer over the kernels. Tensors arrive as data pointers with
+// sizes and strides (elements); the Python side (rankops/_ext.py) owns allocation and the
+// user-facing checks, this layer re-checks what would otherwise corrupt memory.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu/token_stats.h"
+
+namespace py = pybind11;
+using rankops::TokenStatsArgs;
+
+namespace {
+
+TokenStatsArgs make_args(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
+                         const std::vector<int64_t>& lead_strides, int64_t n_cols,
+                         int64_t col_stride, uintptr_t targets_ptr, int64_t ignore_index,
+                         int n_threads) {
+  if (dtype_code < 0 || dtype_code > 2)
+    throw py::value_error("dtype_code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+                          std::to_string(dtype_code));
+  if (lead_sizes.empty() || lead_sizes.size() > rankops::kMaxLeadDims)
+    throw py::value_error("logits must have between 1 and " +
+                          std::to_string(rankops::kMaxLeadDims) + " leading dimensions");
+  if (lead_sizes.size() != lead_strides.size())
+    throw py::value_error("lead_sizes and lead_strides differ in length");
+  if (n_cols < 1) throw py::value_error("n_cols must be >= 1");
+  if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
+  if (logits_ptr == 0 || targets_ptr == 0) throw py::value_error("null tensor pointer");
+  TokenStatsArgs a;
+  a.logits = reinterpret_cast<const void*>(logits_ptr);
+  a.dtype = static_cast<rankops::DType>(dtype_code);
+  a.n_lead = static_cast<int>(lead_sizes.size());
+  a.n_rows = 1;
+  for (int d = 0; d < a.n_lead; ++d) {
+    if (lead_sizes[d] < 0) throw py::value_error("negative size in lead_sizes");
+    a.lead_sizes[d] = lead_sizes[d];
+    a.lead_strides[d] = lead_strides[d];
+    a.n_rows *= lead_sizes[d];
+  }
+  a.n_cols = n_cols;
+  a.col_stride = col_stride;
+  a.targets = reinterpret_cast<const int64_t*>(targets_ptr);
+  a.ignore_index = ignore_index;
+  a.n_threads = n_threads;
+  return a;
+}
+
+py::tuple token_stats(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
+                      const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
+                      uintptr_t targets_ptr, int64_t ignore_index, uintptr_t rank_ptr,
+                      uintptr_t ties_ptr, uintptr_t logp_ptr, int n_threads) {
+  TokenStatsArgs a = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols,
+                               col_stride, targets_ptr, ignore_index, n_threads);
+  if (rank_ptr == 0 || ties_ptr == 0 || logp_ptr == 0) throw py::value_error("null output pointer");
+  a.rank = reinterpret_cast<int64_t*>(rank_ptr);
+  a.ties = reinterpret_cast<int64_t*>(ties_ptr);
+  a.logp = reinterpret_cast<float*>(logp_ptr);
+  rankops::Status s;
+  {
+    py::gil_scoped_release release;
+    s = rankops::cpu::token_stats(a);
+  }
+  return py::make_tuple(s.nonfinite_row, s.bad_target_row);
+}
+
+py::tuple accumulate(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
+                     const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
+                     uintptr_t targets_ptr, int64_t ignore_index, uintptr_t count_ptr,
+                     uintptr_t sum_ptr, uintptr_t count_pess_ptr, uintptr_t sum_pess_ptr,
+                     int64_t hist_len, int n_threads) {
+  TokenStatsArgs a = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols,
+                               col_stride, targets_ptr, ignore_index, n_threads);
+  // rank + ties <= n_cols - 1, so every index lands inside a histogram of n_cols bins.
+  if (hist_len < n_cols)
+    throw py::value_error("histograms (" + std::to_string(hist_len) +
+                          " bins) are shorter than the vocabulary (" + std::to_string(n_cols) + ")");
+  if (count_ptr == 0 || sum_ptr == 0 || count_pess_ptr == 0 || sum_pess_ptr == 0)
+    throw py::value_error("null histogram pointer");
+  rankops::cpu::Histograms h;
+  h.count = reinterpret_cast<int64_t*>(count_ptr);
+  h.sum_logp = reinterpret_cast<double*>(sum_ptr);
+  h.count_pess = reinterpret_cast<int64_t*>(count_pess_ptr);
+  h.sum_logp_pess = reinterpret_cast<double*>(sum_pess_ptr);
+  h.hist_len = hist_len;
+  rankops::cpu::AccumulateResult r;
+  {
+    py::gil_scoped_release release;
+    r = rankops::cpu::accumulate(a, h);
+  }
+  return py::make_tuple(r.status.nonfinite_row, r.status.bad_target_row, r.n_kept, r.n_tied);
+}
+
+std::vector<std::string> compiled_isas() {
+  int n = 0;
+  const char* const* names = rankops::cpu::compiled_isas(&n);
+  return std::vector<std::string>(names, names + n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rankops compiled kernels (CPU; CUDA when built with it)";
+  m.def("token_stats", &token_stats,
+        "Per-token rank, ties and logp; returns (first non-finite row, first bad target row), -1 if none");
+  m.def("accumulate", &accumulate,
+        "Per-rank accumulation; returns (first non-finite row, first bad target row, n_kept, n_tied)");
+  m.def("cpu_isa", []() { return std::string(rankops::cpu::active_isa()); },
+        "The instruction set the CPU kernel runs with");
+  m.def("cpu_compiled_isas", &compiled_isas, "Instruction sets compiled into this build, widest first");
+  m.def("cpu_isa_supported", [](const std::string& n) { return rankops::cpu::isa_supported(n.c_str()); });
+  m.def("set_cpu_isa", [](const std::string& name) {
+    if (!rankops::cpu::set_isa(name.c_str()))
+      throw py::value_error("instruction set '" + name + "' is not compiled in or not supported by this CPU");
+  }, "Force an instruction set ('auto' restores the widest supported); for tests and benchmarks");
+  m.attr("has_cuda") = false;
+}

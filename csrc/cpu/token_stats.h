@@ -1,0 +1,70 @@
+// Shared declarations of the CPU token-statistics kernel.
+//
+// Tensors cross the extension boundary as raw pointers, sizes and strides (in elements), so
+// the module links no libtorch and one build serves every torch version.
+#pragma once
+#include <cstdint>
+
+namespace rankops {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+constexpr int kMaxLeadDims = 8;
+
+struct TokenStatsArgs {
+  const void* logits = nullptr;  // [*lead, n_cols_total]; only the first n_cols columns are read
+  DType dtype = DType::kFloat32;
+  int n_lead = 1;                // number of leading (row) dimensions
+  int64_t lead_sizes[kMaxLeadDims] = {0};
+  int64_t lead_strides[kMaxLeadDims] = {0};  // elements
+  int64_t n_rows = 0;            // product of lead_sizes
+  int64_t n_cols = 0;            // columns that count (vocab_size truncation applied)
+  int64_t col_stride = 1;        // elements
+  const int64_t* targets = nullptr;  // [n_rows], contiguous
+  int64_t ignore_index = -100;
+  int64_t* rank = nullptr;       // [n_rows] out: #{v : z_v > z_t}, -1 where ignored
+  int64_t* ties = nullptr;       // [n_rows] out: #{v != t : z_v == z_t}, 0 where ignored
+  float* logp = nullptr;         // [n_rows] out: z_t - logsumexp(z), 0 where ignored
+  int n_threads = 1;
+};
+
+struct Status {
+  int64_t nonfinite_row = -1;  // first kept row holding NaN or +-inf, or -1
+  int64_t bad_target_row = -1; // first row whose target is outside [0, n_cols) and not ignored
+};
+
+namespace cpu {
+// One definition per instruction set, from csrc/cpu/token_stats_kernel.cpp.
+#define RANKOPS_DECLARE_ISA(isa) \
+  namespace isa { Status token_stats(const TokenStatsArgs& args); }
+RANKOPS_DECLARE_ISA(baseline)
+RANKOPS_DECLARE_ISA(avx2)
+RANKOPS_DECLARE_ISA(avx512)
+#undef RANKOPS_DECLARE_ISA
+
+// Runtime dispatch (csrc/cpu/dispatch.cpp).
+const char* active_isa();
+const char* const* compiled_isas(int* count);
+bool isa_supported(const char* name);
+bool set_isa(const char* name);  // "" or "auto" selects the widest supported
+
+Status token_stats(const TokenStatsArgs& args);
+
+struct Histograms {
+  int64_t* count = nullptr;         // [hist_len] tokens per strict rank
+  double* sum_logp = nullptr;       // [hist_len] sum of logp per strict rank
+  int64_t* count_pess = nullptr;    // [hist_len] tokens per pessimistic rank (rank + ties)
+  double* sum_logp_pess = nullptr;  // [hist_len]
+  int64_t hist_len = 0;
+};
+
+struct AccumulateResult {
+  Status status;
+  int64_t n_kept = 0;   // tokens added
+  int64_t n_tied = 0;   // of which had at least one tie with the target
+};
+
+// Per-rank accumulation. The histograms are touched only when the whole call succeeds.
+AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist);
+}  // namespace cpu
+}  // namespace rankops

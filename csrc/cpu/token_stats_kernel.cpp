@@ -1,0 +1,285 @@
+// Fused one-pass CPU kernel: per row, the target's rank (strict), tie count and log-softmax.
+//
+// This file is compiled once per instruction set (RANKOPS_ISA = baseline, avx2, avx512) with
+// the matching -m flags; the loops are written so the compiler vectorises them (checked with
+// -fopt-info-vec), which keeps one source for every ISA.
+//
+// Memory traffic is one read of each logit: a row is streamed in L1-sized chunks. Pass 1 over
+// a chunk finds its max and counts values above / equal to the target (and converts bf16/fp16
+// or gathers strided columns into a float buffer); pass 2 sums exp(x - running max) over the
+// same chunk while it is still in L1. The running sum is rescaled once per chunk, so there is
+// one exp per element, not the two of a per-element online softmax.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "token_stats.h"
+
+#ifndef RANKOPS_ISA
+#error "RANKOPS_ISA must name the instruction set this translation unit is built for"
+#endif
+
+namespace rankops {
+namespace cpu {
+namespace RANKOPS_ISA {
+namespace {
+
+constexpr int64_t kChunk = 2048;           // floats per chunk: 8 KiB, a quarter of a 32 KiB L1d
+constexpr int64_t kMinSplitCols = 16384;   // smallest vocabulary slice worth its own thread
+constexpr int64_t kMinParallelWork = 1 << 15;  // below this many logits, threads cost more than they save
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
+inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
+// bf16 is the top half of an fp32: the upcast is exact.
+inline float load_value(const uint16_t* p, std::true_type /*is_bf16*/) {
+  return bits_to_float(static_cast<uint32_t>(*p) << 16);
+}
+// fp16 -> fp32, exact, branch-free so it vectorises: shifting the 15 magnitude bits into an
+// fp32 bit pattern and multiplying by 2^112 rebias the exponent (15 -> 127) and normalises
+// subnormals in one step; inf/NaN (exponent all ones) get the fp32 all-ones exponent instead.
+inline float load_value(const uint16_t* p, std::false_type /*is_bf16*/) {
+  const uint32_t h = *p;
+  const uint32_t magnitude = (h & 0x7fffu) << 13;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const float scaled = bits_to_float(magnitude) * 0x1p112f;
+  const uint32_t special = magnitude | 0x7f800000u;
+  const uint32_t bits = (h & 0x7c00u) == 0x7c00u ? special : float_to_bits(scaled);
+  return bits_to_float(bits | sign);
+}
+inline float load_value(const float* p, std::false_type) { return *p; }
+
+// exp(x) for x <= 0 (x is a logit minus the running max). Cody-Waite reduction x = n ln2 + r,
+// |r| <= ln2/2, then a degree-6 minimax polynomial for exp(r) (Cephes' expf coefficients,
+// about 1 ulp), then the 2^n scale built in the exponent bits. Clamping at -87 keeps 2^n a
+// normal number; terms below e^-87 are 38 orders of magnitude under the row's largest term.
+// NaN propagates (NaN < c is false), which the non-finite policy relies on.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer, which lands in the low
+  // mantissa bits; subtracting it back gives that integer as a float.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const int32_t n_int = static_cast<int32_t>(float_to_bits(shifted)) - 0x4B400000;
+  float r = x - n * 0.693359375f;   // ln2 split in a short high part (exact product) ...
+  r = r - n * -2.12194440e-4f;      // ... and the remainder
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float scale = bits_to_float(static_cast<uint32_t>(n_int + 127) << 23);
+  return y * scale;
+}
+
+// Statistics of one slice of a row; slices merge associatively (log-add-exp for the sum of
+// exponentials, integer addition for the counts).
+struct Partial {
+  float max = kNegInf;   // largest logit seen
+  double sum_exp = 0.0;  // sum of exp(x - max)
+  int64_t n_greater = 0;
+  int64_t n_equal = 0;   // includes the target itself
+  bool nonfinite = false;
+};
+
+inline void merge_into(Partial& a, const Partial& b) {
+  const float m = a.max > b.max ? a.max : b.max;
+  if (m != kNegInf) {
+    a.sum_exp = a.sum_exp * std::exp(static_cast<double>(a.max) - m) +
+                b.sum_exp * std::exp(static_cast<double>(b.max) - m);
+  }
+  a.max = m;
+  a.n_greater += b.n_greater;
+  a.n_equal += b.n_equal;
+  a.nonfinite = a.nonfinite || b.nonfinite;
+}
+
+// Pass 1 over a chunk that is already a contiguous float array.
+inline void chunk_pass1(const float* __restrict x, int64_t n, float target, float& chunk_max,
+                        int32_t& n_greater, int32_t& n_equal, float& nan_probe) {
+  float m = kNegInf, probe = 0.0f;
+  int32_t gt = 0, eq = 0;
+#pragma omp simd reduction(max : m) reduction(+ : gt, eq, probe)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    m = v > m ? v : m;
+    gt += v > target;
+    eq += v == target;
+    probe += v * 0.0f;  // 0 for finite v, NaN for inf or NaN
+  }
+  chunk_max = m;
+  n_greater = gt;
+  n_equal = eq;
+  nan_probe = probe;
+}
+
+// Pass 1 fused with the load: converts bf16/fp16 (or gathers a strided row) into buf.
+template <typename T, typename IsBF16>
+inline void chunk_pass1_convert(const T* __restrict src, int64_t stride, int64_t n, float target,
+                                float* __restrict buf, float& chunk_max, int32_t& n_greater,
+                                int32_t& n_equal, float& nan_probe) {
+  float m = kNegInf, probe = 0.0f;
+  int32_t gt = 0, eq = 0;
+#pragma omp simd reduction(max : m) reduction(+ : gt, eq, probe)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load_value(src + i * stride, IsBF16{});
+    buf[i] = v;
+    m = v > m ? v : m;
+    gt += v > target;
+    eq += v == target;
+    probe += v * 0.0f;
+  }
+  chunk_max = m;
+  n_greater = gt;
+  n_equal = eq;
+  nan_probe = probe;
+}
+
+inline float chunk_sum_exp(const float* __restrict x, int64_t n, float row_max) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_nonpositive(x[i] - row_max);
+  return s;
+}
+
+template <typename T, typename IsBF16>
+Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end, float target) {
+  alignas(64) float buf[kChunk];
+  Partial acc;
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t n = end - c0 < kChunk ? end - c0 : kChunk;
+    const float* x;
+    float cmax, probe;
+    int32_t gt, eq;
+    if (std::is_same<T, float>::value && col_stride == 1) {
+      x = reinterpret_cast<const float*>(row) + c0;
+      chunk_pass1(x, n, target, cmax, gt, eq, probe);
+    } else {
+      chunk_pass1_convert<T, IsBF16>(row + c0 * col_stride, col_stride, n, target, buf, cmax, gt,
+                                     eq, probe);
+      x = buf;
+    }
+    acc.n_greater += gt;
+    acc.n_equal += eq;
+    acc.nonfinite = acc.nonfinite || !(probe == 0.0f);
+    const float new_max = cmax > acc.max ? cmax : acc.max;
+    if (new_max == kNegInf) continue;  // every value so far is -inf: nothing to add
+    const float s = chunk_sum_exp(x, n, new_max);
+    acc.sum_exp = acc.sum_exp * std::exp(static_cast<double>(acc.max) - new_max) + s;
+    acc.max = new_max;
+  }
+  return acc;
+}
+
+inline int64_t row_offset(const TokenStatsArgs& a, int64_t row) {
+  if (a.n_lead == 1) return row * a.lead_strides[0];
+  int64_t off = 0;
+  for (int d = a.n_lead - 1; d >= 0; --d) {
+    const int64_t i = row % a.lead_sizes[d];
+    row /= a.lead_sizes[d];
+    off += i * a.lead_strides[d];
+  }
+  return off;
+}
+
+inline void write_row(const TokenStatsArgs& a, int64_t row, float target, const Partial& p) {
+  a.rank[row] = p.n_greater;
+  a.ties[row] = p.n_equal - (target == target ? 1 : 0);  // the target never ties with itself
+  // logp = z_t - (max + log sum exp(z - max)), finished in double.
+  const double lse = static_cast<double>(p.max) + std::log(p.sum_exp);
+  a.logp[row] = static_cast<float>(static_cast<double>(target) - lse);
+}
+
+template <typename T, typename IsBF16>
+Status run(const TokenStatsArgs& a) {
+  const T* base = static_cast<const T*>(a.logits);
+  Status status;
+  // Validate targets first (O(N)) so no row reads out of bounds.
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    const int64_t t = a.targets[r];
+    if (t != a.ignore_index && (t < 0 || t >= a.n_cols)) {
+      status.bad_target_row = r;
+      return status;
+    }
+  }
+  const int n_threads = a.n_rows * a.n_cols < kMinParallelWork ? 1 : a.n_threads;
+  // Few rows: split each row's vocabulary across threads and merge the partials.
+  int64_t splits = 1;
+  if (a.n_rows < n_threads) {
+    splits = (n_threads + a.n_rows - 1) / a.n_rows;
+    const int64_t max_splits = a.n_cols / kMinSplitCols > 1 ? a.n_cols / kMinSplitCols : 1;
+    splits = splits < max_splits ? splits : max_splits;
+  }
+  int64_t first_nonfinite = std::numeric_limits<int64_t>::max();
+
+  if (splits == 1) {
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(min : first_nonfinite)
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      const int64_t t = a.targets[r];
+      if (t == a.ignore_index) {
+        a.rank[r] = -1;
+        a.ties[r] = 0;
+        a.logp[r] = 0.0f;
+        continue;
+      }
+      const T* row = base + row_offset(a, r);
+      const float target = load_value(row + t * a.col_stride, IsBF16{});
+      const Partial p = slice_stats<T, IsBF16>(row, a.col_stride, 0, a.n_cols, target);
+      write_row(a, r, target, p);
+      if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
+    }
+  } else {
+    const int64_t n_tasks = a.n_rows * splits;
+    const int64_t slice = (a.n_cols + splits - 1) / splits;
+    std::vector<Partial> parts(static_cast<size_t>(n_tasks));
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t r = task / splits, s = task % splits;
+      const int64_t t = a.targets[r];
+      if (t == a.ignore_index) continue;
+      const T* row = base + row_offset(a, r);
+      const float target = load_value(row + t * a.col_stride, IsBF16{});
+      const int64_t begin = s * slice;
+      const int64_t end = begin + slice < a.n_cols ? begin + slice : a.n_cols;
+      if (begin < end) parts[task] = slice_stats<T, IsBF16>(row, a.col_stride, begin, end, target);
+    }
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      const int64_t t = a.targets[r];
+      if (t == a.ignore_index) {
+        a.rank[r] = -1;
+        a.ties[r] = 0;
+        a.logp[r] = 0.0f;
+        continue;
+      }
+      Partial p = parts[r * splits];
+      for (int64_t s = 1; s < splits; ++s) merge_into(p, parts[r * splits + s]);
+      const T* row = base + row_offset(a, r);
+      write_row(a, r, load_value(row + t * a.col_stride, IsBF16{}), p);
+      if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
+    }
+  }
+  if (first_nonfinite != std::numeric_limits<int64_t>::max()) status.nonfinite_row = first_nonfinite;
+  return status;
+}
+
+}  // namespace
+
+Status token_stats(const TokenStatsArgs& a) {
+  switch (a.dtype) {
+    case DType::kFloat32: return run<float, std::false_type>(a);
+    case DType::kBFloat16: return run<uint16_t, std::true_type>(a);
+    case DType::kFloat16: return run<uint16_t, std::false_type>(a);
+  }
+  return Status{};
+}
+
+}  // namespace RANKOPS_ISA
+}  // namespace cpu
+}  // namespace rankops

@@ -1,0 +1,21 @@
+"""rankops: what cross-entropy is made of.
+
+The exact decomposition of corpus cross-entropy into Error-Entropy, Self-Alignment and
+Confidence (Zhan et al., "What Scales in Cross-Entropy Scaling Law?", arXiv 2510.04067),
+with fused kernels for the per-token rank statistics it rests on.
+"""
+from rankops.accumulate import RankAccumulator
+from rankops.decompose import Decomposition, decompose, decompose_counts
+from rankops.ops.token_stats import TokenStats, available_backends, token_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decomposition",
+    "RankAccumulator",
+    "TokenStats",
+    "available_backends",
+    "decompose",
+    "decompose_counts",
+    "token_stats",
+]

@@ -1,0 +1,73 @@
+"""The only importer of the compiled module rankops._C, and the launchers around it.
+
+Tensors cross into C++ as data pointers with sizes and strides in elements (no libtorch link).
+"""
+import torch
+
+try:
+    from rankops import _C
+    IMPORT_ERROR = None
+except ImportError as exc:  # a source checkout without a build: only the torch backend works
+    _C = None
+    IMPORT_ERROR = exc
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def has_cpu_kernel() -> bool:
+    return _C is not None
+
+
+def require():
+    if _C is None:
+        raise RuntimeError(
+            f"rankops' compiled extension is not available ({IMPORT_ERROR}); "
+            "install the package with `pip install .` or use backend='torch'"
+        )
+    return _C
+
+
+def _geometry(logits: torch.Tensor):
+    lead_sizes = list(logits.shape[:-1])
+    lead_strides = list(logits.stride()[:-1])
+    return lead_sizes, lead_strides, logits.stride(-1)
+
+
+def cpu_token_stats(logits, targets, ignore_index, n_cols):
+    """logits [..., V] CPU, any strides; targets int64 contiguous of the leading shape.
+
+    Returns (rank, ties, logp, first_nonfinite_row or -1)."""
+    C = require()
+    lead_sizes, lead_strides, col_stride = _geometry(logits)
+    rank = torch.empty(targets.shape, dtype=torch.int64)
+    ties = torch.empty(targets.shape, dtype=torch.int64)
+    logp = torch.empty(targets.shape, dtype=torch.float32)
+    nonfinite_row, bad_target_row = C.token_stats(
+        logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
+        targets.data_ptr(), ignore_index, rank.data_ptr(), ties.data_ptr(), logp.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if bad_target_row >= 0:  # the Python checks run first; this is the memory-safety net
+        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
+    return rank, ties, logp, nonfinite_row
+
+
+def cpu_accumulate(logits, targets, ignore_index, n_cols, count, sum_logp, count_pess, sum_logp_pess):
+    """Adds the tokens into the four per-rank arrays in place (only if the call succeeds).
+
+    Returns (first_nonfinite_row or -1, n_kept, n_tied)."""
+    C = require()
+    for name, arr, dtype in (("count", count, torch.int64), ("sum_logp", sum_logp, torch.float64),
+                             ("count_pess", count_pess, torch.int64),
+                             ("sum_logp_pess", sum_logp_pess, torch.float64)):
+        if arr.dtype != dtype or not arr.is_contiguous() or arr.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor")
+    lead_sizes, lead_strides, col_stride = _geometry(logits)
+    nonfinite_row, bad_target_row, n_kept, n_tied = C.accumulate(
+        logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
+        targets.data_ptr(), ignore_index, count.data_ptr(), sum_logp.data_ptr(),
+        count_pess.data_ptr(), sum_logp_pess.data_ptr(), count.numel(), torch.get_num_threads(),
+    )
+    if bad_target_row >= 0:
+        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
+    return nonfinite_row, n_kept, n_tied

@@ -1,0 +1,155 @@
+"""token_stats: per-token rank, tie count and log-softmax score of the target.
+
+The one dispatch seam for every backend. Definitions (DESIGN.md section 1):
+    rank = #{v : z_v > z_t}            strict, 0-based, on the raw logits
+    ties = #{v != t : z_v == z_t}
+    logp = z_t - logsumexp(z)          natural log, accumulated in fp32 or better
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from rankops import _ext
+from rankops.ops import reference
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_LEAD_DIMS = 8  # the C++ kernel walks up to this many row dimensions without a copy
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics, each of the targets' shape.
+
+    rank: int64, -1 where ignored.  ties: int64, 0 where ignored.
+    logp: float32 (float64 for float64 logits), 0.0 where ignored.
+    """
+    rank: torch.Tensor
+    ties: torch.Tensor
+    logp: torch.Tensor
+
+
+def available_backends() -> list:
+    """The backends this installation can run, fastest first ("torch" is always present)."""
+    names = []
+    if _ext.has_cpu_kernel():
+        names.append("cpu")
+    names.append("torch")
+    return names
+
+
+def check_inputs(logits, targets, ignore_index, vocab_size) -> int:
+    """Validates the arguments of token_stats; returns the number of columns that count."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"logits dtype {logits.dtype} is not supported; use float32, bfloat16, "
+                        "float16 or float64")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [N, V] or [..., V], got shape {tuple(logits.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of class indices, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but logits of shape "
+                         f"{tuple(logits.shape)} need targets of shape {tuple(logits.shape[:-1])}")
+    if targets.device != logits.device:
+        raise ValueError(f"logits and targets must be on the same device, got logits on "
+                         f"{logits.device} and targets on {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    n_vocab = logits.shape[-1]
+    if n_vocab == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    if targets.numel() == 0:
+        raise ValueError(f"empty input: logits of shape {tuple(logits.shape)} hold no tokens")
+    if vocab_size is None:
+        n_cols = n_vocab
+    else:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int or None, got {vocab_size!r}")
+        if not 1 <= vocab_size <= n_vocab:
+            raise ValueError(f"vocab_size must be in [1, {n_vocab}] (the logits' last dimension), "
+                             f"got {vocab_size}")
+        n_cols = vocab_size
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_cols))
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
+                         f"found {int(targets[pos])} at position {pos}")
+    return n_cols
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    available = available_backends()
+    if backend == "auto":
+        if logits.device.type == "cpu" and logits.dtype in KERNEL_DTYPES and "cpu" in available:
+            return "cpu"
+        return "torch"
+    if backend not in available:
+        raise ValueError(f"backend {backend!r} is not available in this installation "
+                         f"(available: {available})")
+    if backend == "cpu":
+        if logits.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got logits on {logits.device}")
+        if logits.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"backend 'cpu' supports float32, bfloat16 and float16 logits, got "
+                            f"{logits.dtype}; use backend='torch' for float64")
+    return backend
+
+
+def nonfinite_error(row: int, lead_shape) -> ValueError:
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(lead_shape)))
+    return ValueError(f"logits contain a non-finite value (NaN or +-inf) in the row at position "
+                      f"{pos}; pass check_finite=False to compute with IEEE semantics anyway")
+
+
+def kernel_view(logits: torch.Tensor) -> torch.Tensor:
+    """logits as the C++ kernel walks them: any strides, at most MAX_LEAD_DIMS row dims."""
+    if logits.dim() - 1 > MAX_LEAD_DIMS:
+        return logits.reshape(-1, logits.shape[-1])
+    return logits
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                vocab_size: Optional[int] = None, backend: str = "auto",
+                check_finite: bool = True) -> TokenStats:
+    """Rank, tie count and log-probability of each target token, in one read of the logits.
+
+    Args:
+        logits: [N, V] or [..., V], float32, bfloat16, float16 (or float64), any strides.
+        targets: integer tensor of the leading shape; ignore_index marks tokens to drop.
+        ignore_index: such tokens get rank -1, ties 0 and logp 0.0.
+        vocab_size: count only the first vocab_size columns (padded output layers).
+        backend: "auto", "cpu" (the C++ kernel), or "torch" (the reference).
+        check_finite: raise on NaN or +-inf logits in kept rows (the default). With False the
+            result follows IEEE arithmetic: NaN never counts as greater, and logp may be NaN.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.5, 0.5]])
+        >>> s = rankops.token_stats(logits, torch.tensor([1, 0]))
+        >>> s.rank.tolist(), s.ties.tolist()
+        ([2, 0], [0, 2])
+    """
+    n_cols = check_inputs(logits, targets, ignore_index, vocab_size)
+    backend = resolve_backend(backend, logits)
+    targets = targets.to(torch.int64).contiguous()
+    if backend == "cpu":
+        view = kernel_view(logits)
+        rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
+                                                         ignore_index, n_cols)
+        if check_finite and bad_row >= 0:
+            raise nonfinite_error(bad_row, targets.shape)
+        return TokenStats(rank.view(targets.shape), ties.view(targets.shape), logp.view(targets.shape))
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.view(-1)
+    if check_finite:
+        bad_row = reference.has_nonfinite_row(flat_logits, flat_targets, ignore_index, n_cols)
+        if bad_row is not None:
+            raise nonfinite_error(bad_row, targets.shape)
+    rank, ties, logp = reference.token_stats(flat_logits, flat_targets, ignore_index, n_cols)
+    return TokenStats(rank.view(targets.shape), ties.view(targets.shape), logp.view(targets.shape))
