@@ -4,11 +4,11 @@
 // the matching -m flags; the loops are written so the compiler vectorises them (checked with
 // -fopt-info-vec), which keeps one source for every ISA.
 //
-// Memory traffic is one read of each logit: a row is streamed in L1-sized chunks. Pass 1 over
-// a chunk finds its max and counts values above / equal to the target (and converts bf16/fp16
-// or gathers strided columns into a float buffer); pass 2 sums exp(x - running max) over the
-// same chunk while it is still in L1. The running sum is rescaled once per chunk, so there is
-// one exp per element, not the two of a per-element online softmax.
+// Memory traffic is one read of each logit, in a single fused loop: per element one compare
+// against the target for the rank, one for the ties, and one exp. The exponentials are summed
+// relative to a reference value that trails the running max (it starts at the target logit and
+// moves only when a chunk passes it by a wide margin), so there is no per-element rescaling
+// and no second pass over the data.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,7 +28,7 @@ namespace cpu {
 namespace RANKOPS_ISA {
 namespace {
 
-constexpr int64_t kChunk = 2048;           // floats per chunk: 8 KiB, a quarter of a 32 KiB L1d
+constexpr int64_t kChunk = 2048;           // values per chunk: the rebase granularity
 constexpr int64_t kMinSplitCols = 16384;   // smallest vocabulary slice worth its own thread
 constexpr int64_t kMinParallelWork = 1 << 15;  // below this many logits, threads cost more than they save
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -54,12 +54,12 @@ inline float load_value(const uint16_t* p, std::false_type /*is_bf16*/) {
 }
 inline float load_value(const float* p, std::false_type) { return *p; }
 
-// exp(x) for x <= 0 (x is a logit minus the running max). Cody-Waite reduction x = n ln2 + r,
-// |r| <= ln2/2, then a degree-6 minimax polynomial for exp(r) (Cephes' expf coefficients,
-// about 1 ulp), then the 2^n scale built in the exponent bits. Clamping at -87 keeps 2^n a
-// normal number; terms below e^-87 are 38 orders of magnitude under the row's largest term.
-// NaN propagates (NaN < c is false), which the non-finite policy relies on.
-inline float exp_nonpositive(float x) {
+// exp(x) for x in [-87, 88] (x is a logit minus the row's reference value). Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial for exp(r)
+// (Cephes' expf coefficients, about 1 ulp), then the 2^n scale built in the exponent bits.
+// Clamping below at -87 keeps 2^n a normal number: such terms are 38 orders of magnitude under
+// the reference term. NaN propagates (NaN < c is false), which the non-finite check relies on.
+inline float exp_bounded(float x) {
   x = x < -87.0f ? -87.0f : x;
   // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer, which lands in the low
   // mantissa bits; subtracting it back gives that integer as a float.
@@ -79,103 +79,97 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
-// Statistics of one slice of a row; slices merge associatively (log-add-exp for the sum of
-// exponentials, integer addition for the counts).
+// Statistics of one slice of a row. sum_exp is relative to ref: the slice's logsumexp is
+// ref + log(sum_exp). Slices merge associatively (log-add-exp for the sums, integer addition
+// for the counts).
 struct Partial {
-  float max = kNegInf;   // largest logit seen
-  double sum_exp = 0.0;  // sum of exp(x - max)
+  float ref = kNegInf;
+  double sum_exp = 0.0;
   int64_t n_greater = 0;
   int64_t n_equal = 0;   // includes the target itself
   bool nonfinite = false;
 };
 
 inline void merge_into(Partial& a, const Partial& b) {
-  const float m = a.max > b.max ? a.max : b.max;
+  const float m = a.ref > b.ref ? a.ref : b.ref;
   if (m != kNegInf) {
-    a.sum_exp = a.sum_exp * std::exp(static_cast<double>(a.max) - m) +
-                b.sum_exp * std::exp(static_cast<double>(b.max) - m);
+    a.sum_exp = a.sum_exp * std::exp(static_cast<double>(a.ref) - m) +
+                b.sum_exp * std::exp(static_cast<double>(b.ref) - m);
   }
-  a.max = m;
+  a.ref = m;
   a.n_greater += b.n_greater;
   a.n_equal += b.n_equal;
   a.nonfinite = a.nonfinite || b.nonfinite;
 }
 
-// Pass 1 over a chunk that is already a contiguous float array.
-inline void chunk_pass1(const float* __restrict x, int64_t n, float target, float& chunk_max,
-                        int32_t& n_greater, int32_t& n_equal, float& nan_probe) {
-  float m = kNegInf, probe = 0.0f;
+// While exp(x - ref) <= e^64 a chunk's float sum cannot overflow (2048 * e^64 ~ 1e31), so the
+// reference only moves when a chunk's max passes it by more than this.
+constexpr float kRebaseMargin = 64.0f;
+
+struct ChunkStats {
+  float max, min, sum_exp;
+  int32_t n_greater, n_equal;
+};
+
+// The fused pass: every statistic of a chunk from one load of each value. The stride is a
+// template parameter so the contiguous case is a plain vector load rather than a gather.
+// min and max expose -inf and +inf; a NaN makes sum_exp NaN, or (if the chunk is all NaN)
+// leaves max < min, since comparisons skip NaN.
+template <typename T, typename IsBF16, bool kContiguous>
+inline ChunkStats chunk_stats(const T* __restrict src, int64_t stride, int64_t n, float target,
+                              float ref) {
+  float hi = kNegInf, lo = -kNegInf, s = 0.0f;
   int32_t gt = 0, eq = 0;
-#pragma omp simd reduction(max : m) reduction(+ : gt, eq, probe)
+#pragma omp simd reduction(max : hi) reduction(min : lo) reduction(+ : gt, eq, s)
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    m = v > m ? v : m;
+    const float v = load_value(src + (kContiguous ? i : i * stride), IsBF16{});
+    hi = v > hi ? v : hi;
+    lo = v < lo ? v : lo;
     gt += v > target;
     eq += v == target;
-    probe += v * 0.0f;  // 0 for finite v, NaN for inf or NaN
+    s += exp_bounded(v - ref);
   }
-  chunk_max = m;
-  n_greater = gt;
-  n_equal = eq;
-  nan_probe = probe;
+  return ChunkStats{hi, lo, s, gt, eq};
 }
 
-// Pass 1 fused with the load: converts bf16/fp16 (or gathers a strided row) into buf.
-template <typename T, typename IsBF16>
-inline void chunk_pass1_convert(const T* __restrict src, int64_t stride, int64_t n, float target,
-                                float* __restrict buf, float& chunk_max, int32_t& n_greater,
-                                int32_t& n_equal, float& nan_probe) {
-  float m = kNegInf, probe = 0.0f;
-  int32_t gt = 0, eq = 0;
-#pragma omp simd reduction(max : m) reduction(+ : gt, eq, probe)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = load_value(src + i * stride, IsBF16{});
-    buf[i] = v;
-    m = v > m ? v : m;
-    gt += v > target;
-    eq += v == target;
-    probe += v * 0.0f;
-  }
-  chunk_max = m;
-  n_greater = gt;
-  n_equal = eq;
-  nan_probe = probe;
-}
-
-inline float chunk_sum_exp(const float* __restrict x, int64_t n, float row_max) {
+template <typename T, typename IsBF16, bool kContiguous>
+inline float chunk_sum_exp(const T* __restrict src, int64_t stride, int64_t n, float ref) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp_nonpositive(x[i] - row_max);
+  for (int64_t i = 0; i < n; ++i)
+    s += exp_bounded(load_value(src + (kContiguous ? i : i * stride), IsBF16{}) - ref);
   return s;
+}
+
+template <typename T, typename IsBF16, bool kContiguous>
+Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end, float target) {
+  Partial acc;
+  // The target logit is known before the stream starts and is usually near the top of its
+  // row, so it is a good first reference.
+  acc.ref = std::isfinite(target) ? target : 0.0f;
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t n = end - c0 < kChunk ? end - c0 : kChunk;
+    const T* src = row + c0 * col_stride;
+    ChunkStats c = chunk_stats<T, IsBF16, kContiguous>(src, col_stride, n, target, acc.ref);
+    acc.n_greater += c.n_greater;
+    acc.n_equal += c.n_equal;
+    acc.nonfinite = acc.nonfinite || c.max == -kNegInf || c.min == kNegInf || c.max < c.min;
+    if (c.max > acc.ref + kRebaseMargin) {
+      // Rare: move the reference up to this chunk's max and redo its sum (the chunk is in L1).
+      acc.sum_exp *= std::exp(static_cast<double>(acc.ref) - c.max);
+      acc.ref = c.max;
+      c.sum_exp = chunk_sum_exp<T, IsBF16, kContiguous>(src, col_stride, n, acc.ref);
+    }
+    acc.nonfinite = acc.nonfinite || c.sum_exp != c.sum_exp;
+    acc.sum_exp += c.sum_exp;
+  }
+  return acc;
 }
 
 template <typename T, typename IsBF16>
 Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end, float target) {
-  alignas(64) float buf[kChunk];
-  Partial acc;
-  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-    const int64_t n = end - c0 < kChunk ? end - c0 : kChunk;
-    const float* x;
-    float cmax, probe;
-    int32_t gt, eq;
-    if (std::is_same<T, float>::value && col_stride == 1) {
-      x = reinterpret_cast<const float*>(row) + c0;
-      chunk_pass1(x, n, target, cmax, gt, eq, probe);
-    } else {
-      chunk_pass1_convert<T, IsBF16>(row + c0 * col_stride, col_stride, n, target, buf, cmax, gt,
-                                     eq, probe);
-      x = buf;
-    }
-    acc.n_greater += gt;
-    acc.n_equal += eq;
-    acc.nonfinite = acc.nonfinite || !(probe == 0.0f);
-    const float new_max = cmax > acc.max ? cmax : acc.max;
-    if (new_max == kNegInf) continue;  // every value so far is -inf: nothing to add
-    const float s = chunk_sum_exp(x, n, new_max);
-    acc.sum_exp = acc.sum_exp * std::exp(static_cast<double>(acc.max) - new_max) + s;
-    acc.max = new_max;
-  }
-  return acc;
+  return col_stride == 1 ? slice_stats<T, IsBF16, true>(row, 1, begin, end, target)
+                         : slice_stats<T, IsBF16, false>(row, col_stride, begin, end, target);
 }
 
 inline int64_t row_offset(const TokenStatsArgs& a, int64_t row) {
@@ -192,8 +186,8 @@ inline int64_t row_offset(const TokenStatsArgs& a, int64_t row) {
 inline void write_row(const TokenStatsArgs& a, int64_t row, float target, const Partial& p) {
   a.rank[row] = p.n_greater;
   a.ties[row] = p.n_equal - (target == target ? 1 : 0);  // the target never ties with itself
-  // logp = z_t - (max + log sum exp(z - max)), finished in double.
-  const double lse = static_cast<double>(p.max) + std::log(p.sum_exp);
+  // logp = z_t - (ref + log sum exp(z - ref)), finished in double.
+  const double lse = static_cast<double>(p.ref) + std::log(p.sum_exp);
   a.logp[row] = static_cast<float>(static_cast<double>(target) - lse);
 }
 
