@@ -70,29 +70,25 @@ py::tuple token_stats(uintptr_t logits_ptr, int dtype_code, const std::vector<in
 
 py::tuple accumulate(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
                      const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
-                     uintptr_t targets_ptr, int64_t ignore_index, uintptr_t count_ptr,
-                     uintptr_t sum_ptr, uintptr_t count_pess_ptr, uintptr_t sum_pess_ptr,
-                     int64_t hist_len, int n_threads) {
+                     uintptr_t targets_ptr, int64_t ignore_index, uintptr_t stats_ptr,
+                     int64_t hist_len, bool check_finite, int n_threads) {
   TokenStatsArgs a = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols,
                                col_stride, targets_ptr, ignore_index, n_threads);
   // rank + ties <= n_cols - 1, so every index lands inside a histogram of n_cols bins.
   if (hist_len < n_cols)
     throw py::value_error("histograms (" + std::to_string(hist_len) +
                           " bins) are shorter than the vocabulary (" + std::to_string(n_cols) + ")");
-  if (count_ptr == 0 || sum_ptr == 0 || count_pess_ptr == 0 || sum_pess_ptr == 0)
-    throw py::value_error("null histogram pointer");
+  if (stats_ptr == 0) throw py::value_error("null stats pointer");
   rankops::cpu::Histograms h;
-  h.count = reinterpret_cast<int64_t*>(count_ptr);
-  h.sum_logp = reinterpret_cast<double*>(sum_ptr);
-  h.count_pess = reinterpret_cast<int64_t*>(count_pess_ptr);
-  h.sum_logp_pess = reinterpret_cast<double*>(sum_pess_ptr);
+  h.stats = reinterpret_cast<int64_t*>(stats_ptr);
   h.hist_len = hist_len;
   rankops::cpu::AccumulateResult r;
   {
     py::gil_scoped_release release;
-    r = rankops::cpu::accumulate(a, h);
+    r = rankops::cpu::accumulate(a, h, check_finite);
   }
-  return py::make_tuple(r.status.nonfinite_row, r.status.bad_target_row, r.n_kept, r.n_tied);
+  return py::make_tuple(r.status.nonfinite_row, r.status.bad_target_row, r.bad_logp_row, r.n_kept,
+                        r.n_tied);
 }
 
 std::vector<std::string> compiled_isas() {
@@ -108,7 +104,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("token_stats", &token_stats,
         "Per-token rank, ties and logp; returns (first non-finite row, first bad target row), -1 if none");
   m.def("accumulate", &accumulate,
-        "Per-rank accumulation; returns (first non-finite row, first bad target row, n_kept, n_tied)");
+        "Per-rank accumulation into int64 stats [6, hist_len]; returns (first non-finite row, first bad "
+        "target row, first bad logp row, n_kept, n_tied), -1 where none");
   m.def("cpu_isa", []() { return std::string(rankops::cpu::active_isa()); },
         "The instruction set the CPU kernel runs with");
   m.def("cpu_compiled_isas", &compiled_isas, "Instruction sets compiled into this build, widest first");

@@ -52,22 +52,21 @@ def cpu_token_stats(logits, targets, ignore_index, n_cols):
     return rank, ties, logp, nonfinite_row
 
 
-def cpu_accumulate(logits, targets, ignore_index, n_cols, count, sum_logp, count_pess, sum_logp_pess):
-    """Adds the tokens into the four per-rank arrays in place (only if the call succeeds).
+def cpu_accumulate(logits, targets, ignore_index, n_cols, stats, check_finite):
+    """Adds the tokens into the accumulator's int64 stats [6, V] in place (only on success).
 
-    Returns (first_nonfinite_row or -1, n_kept, n_tied)."""
+    Returns (first non-finite row, first row with an unaccumulable logp, n_kept, n_tied),
+    -1 where none."""
     C = require()
-    for name, arr, dtype in (("count", count, torch.int64), ("sum_logp", sum_logp, torch.float64),
-                             ("count_pess", count_pess, torch.int64),
-                             ("sum_logp_pess", sum_logp_pess, torch.float64)):
-        if arr.dtype != dtype or not arr.is_contiguous() or arr.device.type != "cpu":
-            raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor")
+    if stats.dtype != torch.int64 or not stats.is_contiguous() or stats.device.type != "cpu" \
+            or stats.dim() != 2 or stats.shape[0] != 6:
+        raise ValueError("stats must be a contiguous CPU int64 tensor of shape [6, V]")
     lead_sizes, lead_strides, col_stride = _geometry(logits)
-    nonfinite_row, bad_target_row, n_kept, n_tied = C.accumulate(
+    nonfinite_row, bad_target_row, bad_logp_row, n_kept, n_tied = C.accumulate(
         logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
-        targets.data_ptr(), ignore_index, count.data_ptr(), sum_logp.data_ptr(),
-        count_pess.data_ptr(), sum_logp_pess.data_ptr(), count.numel(), torch.get_num_threads(),
+        targets.data_ptr(), ignore_index, stats.data_ptr(), stats.shape[1], check_finite,
+        torch.get_num_threads(),
     )
     if bad_target_row >= 0:
         raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
-    return nonfinite_row, n_kept, n_tied
+    return nonfinite_row, bad_logp_row, n_kept, n_tied

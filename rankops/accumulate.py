@@ -1,4 +1,11 @@
-"""RankAccumulator: the per-rank sufficient statistics of a corpus, mergeable by addition."""
+"""RankAccumulator: the per-rank sufficient statistics of a corpus, mergeable by addition.
+
+The sums of logp are kept in exact fixed point: each token's logp is quantised to
+q = floor(logp * 2^40 + 1/2) (exact for float32 values of magnitude >= 2^-16, within 2^-41
+otherwise) and summed as two int64 words per bin, hi = q >> 32 and lo = q mod 2^32, with lo's
+carry moved into hi. Integer addition is associative, so batches, shards, threads and processes
+merge bit-identically in any order; float64 appears only when the decomposition is computed.
+"""
 from typing import Optional
 
 import torch
@@ -8,15 +15,38 @@ from rankops.decompose import TIE_MODES, Decomposition, decompose_counts
 from rankops.ops.token_stats import check_inputs, kernel_view, nonfinite_error, resolve_backend, token_stats
 
 STATE_FORMAT = 1
-_ARRAYS = ("count", "sum_logp", "count_pessimistic", "sum_logp_pessimistic")
+LOGP_SCALE = 2.0 ** 40
+LOGP_LIMIT = 2.0 ** 23      # |logp| * 2^40 must fit an int64
+LOW_MASK = (1 << 32) - 1
+
+# Rows of the state tensor [6, vocab_size]; csrc/cpu/token_stats.h (StatRow) has the same order.
+COUNT, SUM_HI, SUM_LO, COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS = range(6)
+
+
+def quantize_logp(logp: torch.Tensor) -> torch.Tensor:
+    """float logp -> int64 fixed point with 40 fractional bits (round half up)."""
+    return torch.floor(logp.to(torch.float64) * LOGP_SCALE + 0.5).to(torch.int64)
+
+
+def fixed_to_float(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The float64 value of hi * 2^32 + lo, in units of 2^-40."""
+    return hi.to(torch.float64) * 2.0 ** -8 + lo.to(torch.float64) * 2.0 ** -40
+
+
+def normalize_carry(stats: torch.Tensor) -> None:
+    """Moves each lo word's carry into its hi word, leaving lo in [0, 2^32)."""
+    for hi, lo in ((SUM_HI, SUM_LO), (SUM_HI_PESS, SUM_LO_PESS)):
+        carry = stats[lo] >> 32
+        stats[hi] += carry
+        stats[lo] -= carry << 32
 
 
 class RankAccumulator:
     """Per-rank token counts and logp sums, strict and tie-pessimistic.
 
-    count[k] (int64) and sum_logp[k] (float64) over k in [0, vocab_size), for rank and for
-    rank + ties. They add elementwise, so batches, shards and processes merge by summation.
-    Logits wider than vocab_size (padded output layers) are truncated to vocab_size columns.
+    count[k] and sum_logp[k] for k in [0, vocab_size), by rank and by rank + ties. They add
+    elementwise, so batches, shards and processes merge by summation, exactly. Logits wider
+    than vocab_size (padded output layers) are truncated to vocab_size columns.
 
     Example:
         >>> acc = rankops.RankAccumulator(vocab_size=50257)
@@ -33,20 +63,36 @@ class RankAccumulator:
         self.vocab_size = vocab_size
         self._device_fixed = device is not None
         device = torch.device("cpu" if device is None else device)
-        self.count = torch.zeros(vocab_size, dtype=torch.int64, device=device)
-        self.sum_logp = torch.zeros(vocab_size, dtype=torch.float64, device=device)
-        self.count_pessimistic = torch.zeros_like(self.count)
-        self.sum_logp_pessimistic = torch.zeros_like(self.sum_logp)
+        self.stats = torch.zeros(6, vocab_size, dtype=torch.int64, device=device)  # rows: see COUNT...
         self.n_tied = torch.zeros((), dtype=torch.int64, device=device)  # tokens with >= 1 tie
         self.ties_known = True  # False once update_stats() was given no ties
 
+    # Read-only views of the state.
     @property
     def device(self) -> torch.device:
-        return self.count.device
+        return self.stats.device
+
+    @property
+    def count(self) -> torch.Tensor:
+        """[vocab_size] int64: tokens of each strict rank."""
+        return self.stats[COUNT]
+
+    @property
+    def sum_logp(self) -> torch.Tensor:
+        """[vocab_size] float64: the sum of logp over the tokens of each strict rank."""
+        return fixed_to_float(self.stats[SUM_HI], self.stats[SUM_LO])
+
+    @property
+    def count_pessimistic(self) -> torch.Tensor:
+        return self.stats[COUNT_PESS]
+
+    @property
+    def sum_logp_pessimistic(self) -> torch.Tensor:
+        return fixed_to_float(self.stats[SUM_HI_PESS], self.stats[SUM_LO_PESS])
 
     @property
     def n_tokens(self) -> int:
-        return int(self.count.sum())
+        return int(self.stats[COUNT].sum())
 
     @property
     def tie_rate(self) -> float:
@@ -61,12 +107,15 @@ class RankAccumulator:
         if self._device_fixed or self.n_tokens > 0:
             raise ValueError(f"{arg} is on {device} but the accumulator's arrays are on "
                              f"{self.device}")
-        for name in _ARRAYS + ("n_tied",):
-            setattr(self, name, getattr(self, name).to(device))
+        self.stats = self.stats.to(device)
+        self.n_tied = self.n_tied.to(device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
                backend: str = "auto", check_finite: bool = True) -> None:
-        """Adds a batch of logits [..., V] (V >= vocab_size) and targets of the leading shape."""
+        """Adds a batch: logits [..., V] with V >= vocab_size, targets of the leading shape.
+
+        check_finite=False admits non-finite logits (say -inf for masked tokens) as long as
+        every kept token's logp is finite. A call that raises adds nothing."""
         if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[-1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns but the accumulator counts "
                              f"vocab_size={self.vocab_size} ranks")
@@ -75,11 +124,12 @@ class RankAccumulator:
         if resolve_backend(backend, logits) == "cpu":
             view = kernel_view(logits)
             targets64 = targets.to(torch.int64).contiguous().view(view.shape[:-1])
-            bad_row, _, n_tied = _ext.cpu_accumulate(
-                view, targets64, ignore_index, self.vocab_size, self.count, self.sum_logp,
-                self.count_pessimistic, self.sum_logp_pessimistic)
-            if check_finite and bad_row >= 0:
-                raise nonfinite_error(bad_row, targets.shape)
+            nonfinite_row, bad_logp_row, _, n_tied = _ext.cpu_accumulate(
+                view, targets64, ignore_index, self.vocab_size, self.stats, check_finite)
+            if check_finite and nonfinite_row >= 0:
+                raise nonfinite_error(nonfinite_row, targets.shape)
+            if bad_logp_row >= 0:
+                raise _bad_logp_error(bad_logp_row, targets.shape)
             self.n_tied += n_tied
             return
         stats = token_stats(logits, targets, ignore_index=ignore_index, vocab_size=self.vocab_size,
@@ -101,26 +151,38 @@ class RankAccumulator:
             raise TypeError(f"rank must be an integer tensor, got dtype {rank.dtype}")
         if not logp.is_floating_point():
             raise TypeError(f"logp must be a floating-point tensor, got dtype {logp.dtype}")
+        if ties is not None and (ties.is_floating_point() or ties.dtype == torch.bool):
+            raise TypeError(f"ties must be an integer tensor, got dtype {ties.dtype}")
         self._adopt_device(rank.device, "rank")
-        rank, logp = rank.reshape(-1).to(self.device), logp.reshape(-1).to(self.device)
-        keep = rank >= 0
-        if bool((rank < -1).any()) or bool((rank >= self.vocab_size).any()):
-            raise ValueError(f"rank must lie in [0, {self.vocab_size}) or be -1 (ignored)")
-        r, lp = rank[keep], logp[keep].to(torch.float64)
-        if not bool(torch.isfinite(lp).all()):
-            raise ValueError("logp holds non-finite values for kept tokens")
+        rank = rank.reshape(-1).to(self.device, torch.int64)
+        logp = logp.reshape(-1).to(self.device)
         n = self.vocab_size
-        self.count += torch.bincount(r, minlength=n)
-        self.sum_logp += torch.bincount(r, weights=lp, minlength=n)
+        if bool((rank < -1).any()) or bool((rank >= n).any()):
+            raise ValueError(f"rank must lie in [0, {n}) or be -1 (ignored)")
+        keep = rank >= 0
+        r, lp = rank[keep], logp[keep].to(torch.float64)
+        bad = ~(lp.abs() < LOGP_LIMIT)  # also NaN
+        if bool(bad.any()):
+            raise _bad_logp_error(int(torch.nonzero(keep)[torch.nonzero(bad)[0, 0], 0]), rank.shape)
+        if ties is not None:
+            t = ties.reshape(-1).to(self.device, torch.int64)[keep]
+            if bool((t < 0).any()) or bool((r + t >= n).any()):
+                raise ValueError(f"ties must be >= 0 with rank + ties < vocab_size={n}")
+        q = quantize_logp(lp)
+        hi, lo = q >> 32, q & LOW_MASK
+        ones = torch.ones_like(r)
+        # All checks are done: from here on the state changes.
+        self.stats[COUNT].index_add_(0, r, ones)
+        self.stats[SUM_HI].index_add_(0, r, hi)
+        self.stats[SUM_LO].index_add_(0, r, lo)
         if ties is None:
             self.ties_known = False
-            return
-        t = ties.reshape(-1).to(self.device)[keep].to(torch.int64)
-        if bool((t < 0).any()) or bool((r + t >= n).any()):
-            raise ValueError(f"ties must be >= 0 with rank + ties < vocab_size={n}")
-        self.count_pessimistic += torch.bincount(r + t, minlength=n)
-        self.sum_logp_pessimistic += torch.bincount(r + t, weights=lp, minlength=n)
-        self.n_tied += (t > 0).sum()
+        else:
+            self.stats[COUNT_PESS].index_add_(0, r + t, ones)
+            self.stats[SUM_HI_PESS].index_add_(0, r + t, hi)
+            self.stats[SUM_LO_PESS].index_add_(0, r + t, lo)
+            self.n_tied += (t > 0).sum()
+        normalize_carry(self.stats)
 
     def merge(self, other: "RankAccumulator") -> "RankAccumulator":
         """Adds other's statistics into this accumulator (in place) and returns it."""
@@ -129,8 +191,9 @@ class RankAccumulator:
         if other.vocab_size != self.vocab_size:
             raise ValueError(f"cannot merge accumulators of vocab_size {self.vocab_size} and "
                              f"{other.vocab_size}")
-        for name in _ARRAYS + ("n_tied",):
-            getattr(self, name).add_(getattr(other, name).to(self.device))
+        self.stats += other.stats.to(self.device)
+        self.n_tied += other.n_tied.to(self.device)
+        normalize_carry(self.stats)
         self.ties_known = self.ties_known and other.ties_known
         return self
 
@@ -146,14 +209,13 @@ class RankAccumulator:
         return self.merge(other)
 
     def state_dict(self) -> dict:
-        state = {name: getattr(self, name).clone() for name in _ARRAYS + ("n_tied",)}
-        state.update(vocab_size=self.vocab_size, ties_known=self.ties_known, format=STATE_FORMAT)
-        return state
+        return {"format": STATE_FORMAT, "vocab_size": self.vocab_size, "stats": self.stats.clone(),
+                "n_tied": self.n_tied.clone(), "ties_known": self.ties_known}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = [k for k in _ARRAYS + ("n_tied", "vocab_size", "format") if k not in state]
+        missing = [k for k in ("format", "vocab_size", "stats", "n_tied") if k not in state]
         if missing:
             raise ValueError(f"state is missing {missing}")
         if state["format"] != STATE_FORMAT:
@@ -161,14 +223,12 @@ class RankAccumulator:
         if state["vocab_size"] != self.vocab_size:
             raise ValueError(f"state has vocab_size {state['vocab_size']}, the accumulator "
                              f"{self.vocab_size}")
-        for name in _ARRAYS:
-            x = state[name]
-            want = torch.int64 if name.startswith("count") else torch.float64
-            if not isinstance(x, torch.Tensor) or x.shape != (self.vocab_size,) or x.dtype != want:
-                raise ValueError(f"state[{name!r}] must be a {want} tensor of shape "
-                                 f"({self.vocab_size},)")
-        for name in _ARRAYS + ("n_tied",):
-            setattr(self, name, state[name].to(self.device).clone())
+        stats = state["stats"]
+        if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int64 \
+                or tuple(stats.shape) != (6, self.vocab_size):
+            raise ValueError(f"state['stats'] must be an int64 tensor of shape (6, {self.vocab_size})")
+        self.stats = stats.to(self.device).clone()
+        self.n_tied = torch.as_tensor(state["n_tied"], dtype=torch.int64).to(self.device).clone()
         self.ties_known = bool(state.get("ties_known", True))
 
     def decompose(self, ties: str = "strict") -> Decomposition:
@@ -185,3 +245,9 @@ class RankAccumulator:
     def __repr__(self) -> str:
         return (f"RankAccumulator(vocab_size={self.vocab_size}, n_tokens={self.n_tokens}, "
                 f"device={self.device})")
+
+
+def _bad_logp_error(row: int, shape) -> ValueError:
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(shape)))
+    return ValueError(f"logp of the token at position {pos} is non-finite or beyond -2^23 and "
+                      f"cannot be accumulated (non-finite logits with check_finite=False?)")

@@ -1,6 +1,7 @@
 // Picks the widest compiled instruction set the running CPU supports, and builds the per-rank
 // accumulation on top of the per-token kernel.
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -84,11 +85,18 @@ bool set_isa(const char* name) {
 
 Status token_stats(const TokenStatsArgs& args) { return kIsas[g_active.load()].fn(args); }
 
-AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist) {
+namespace {
+inline void add_fixed(int64_t* hi, int64_t* lo, int64_t q) {
+  *hi += q >> 32;  // arithmetic shift: floor(q / 2^32)
+  *lo += q & 0xffffffffLL;
+  *hi += *lo >> 32;  // carry, so lo stays in [0, 2^32)
+  *lo &= 0xffffffffLL;
+}
+}  // namespace
+
+AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist, bool check_finite) {
   // Per-token results are O(N) next to the O(N*V) logits; keeping them lets the histograms be
-  // updated serially in token order after the parallel pass, so the float64 sums are
-  // bit-identical run after run and independent of the thread count, and nothing is added
-  // when the call fails part-way.
+  // updated after the parallel pass, and nothing is added when the call fails part-way.
   std::vector<int64_t> rank(static_cast<size_t>(args.n_rows));
   std::vector<int64_t> ties(static_cast<size_t>(args.n_rows));
   std::vector<float> logp(static_cast<size_t>(args.n_rows));
@@ -98,16 +106,28 @@ AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist) 
   a.logp = logp.data();
   AccumulateResult result;
   result.status = token_stats(a);
-  if (result.status.bad_target_row >= 0 || result.status.nonfinite_row >= 0) return result;
+  if (result.status.bad_target_row >= 0 || (check_finite && result.status.nonfinite_row >= 0))
+    return result;
+  std::vector<int64_t> fixed(static_cast<size_t>(args.n_rows));
+  for (int64_t i = 0; i < args.n_rows; ++i) {
+    if (rank[i] < 0) continue;  // ignored
+    const double lp = static_cast<double>(logp[i]);
+    if (!(std::fabs(lp) < kLogpLimit)) {  // also catches NaN
+      result.bad_logp_row = i;
+      return result;
+    }
+    fixed[i] = static_cast<int64_t>(std::floor(lp * kLogpScale + 0.5));
+  }
+  const int64_t n = hist.hist_len;
+  int64_t* s = hist.stats;
   for (int64_t i = 0; i < args.n_rows; ++i) {
     const int64_t k = rank[i];
-    if (k < 0) continue;  // ignored
+    if (k < 0) continue;
     const int64_t kp = k + ties[i];
-    const double lp = static_cast<double>(logp[i]);
-    hist.count[k] += 1;
-    hist.sum_logp[k] += lp;
-    hist.count_pess[kp] += 1;
-    hist.sum_logp_pess[kp] += lp;
+    s[kCount * n + k] += 1;
+    add_fixed(&s[kSumHi * n + k], &s[kSumLo * n + k], fixed[i]);
+    s[kCountPess * n + kp] += 1;
+    add_fixed(&s[kSumHiPess * n + kp], &s[kSumLoPess * n + kp], fixed[i]);
     result.n_kept += 1;
     result.n_tied += ties[i] > 0;
   }

@@ -50,21 +50,35 @@ bool set_isa(const char* name);  // "" or "auto" selects the widest supported
 
 Status token_stats(const TokenStatsArgs& args);
 
+// Exact fixed-point sums of logp: each token's logp is quantised to q = floor(logp * 2^40 + 1/2)
+// (exact for fp32 values of magnitude >= 2^-16) and added as two int64 words, hi = q >> 32 and
+// lo = q & (2^32 - 1), with lo's carry moved into hi. Integer addition is associative, so the
+// sums do not depend on the order of tokens, threads, batches or processes.
+constexpr double kLogpScale = 1099511627776.0;  // 2^40
+constexpr double kLogpLimit = 8388608.0;        // 2^23: |logp| * 2^40 must fit an int64
+
+// The accumulator's state: six int64 rows of hist_len bins, in this order.
+enum StatRow : int {
+  kCount = 0, kSumHi = 1, kSumLo = 2,        // by strict rank
+  kCountPess = 3, kSumHiPess = 4, kSumLoPess = 5,  // by pessimistic rank (rank + ties)
+  kNumStatRows = 6
+};
+
 struct Histograms {
-  int64_t* count = nullptr;         // [hist_len] tokens per strict rank
-  double* sum_logp = nullptr;       // [hist_len] sum of logp per strict rank
-  int64_t* count_pess = nullptr;    // [hist_len] tokens per pessimistic rank (rank + ties)
-  double* sum_logp_pess = nullptr;  // [hist_len]
+  int64_t* stats = nullptr;  // [kNumStatRows, hist_len], contiguous
   int64_t hist_len = 0;
 };
 
 struct AccumulateResult {
   Status status;
+  int64_t bad_logp_row = -1;  // first kept row whose logp is non-finite or beyond 2^23
   int64_t n_kept = 0;   // tokens added
   int64_t n_tied = 0;   // of which had at least one tie with the target
 };
 
-// Per-rank accumulation. The histograms are touched only when the whole call succeeds.
-AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist);
+// Per-rank accumulation. The histograms are touched only when the whole call succeeds. With
+// check_finite, a row with a non-finite logit fails the call; without, only a non-finite logp
+// does (a -inf logit elsewhere in the row is fine).
+AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist, bool check_finite);
 }  // namespace cpu
 }  // namespace rankops
