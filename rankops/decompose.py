@@ -140,7 +140,8 @@ def decompose_counts(count, sum_logp, *, ties: str = "strict") -> Decomposition:
     n_tokens = int(n_k.sum())
     n_float = n_k.astype(np.float64)
     P = n_float / n_tokens
-    log_P = np.log(n_float) - math.log(n_tokens)
+    # log P to full relative precision: log1p of the (exact) complement where P > 1/2.
+    log_P = np.where(2 * n_k > n_tokens, np.log1p(-(n_tokens - n_k) / n_tokens), np.log(P))
     log_S = L_k / n_float                              # log of the geometric-mean probability
     m = float(log_S.max())
     log_Z = m + math.log(_fsum(np.exp(log_S - m)))     # logsumexp

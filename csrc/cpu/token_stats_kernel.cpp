@@ -29,7 +29,7 @@ namespace RANKOPS_ISA {
 namespace {
 
 constexpr int64_t kChunk = 2048;           // values per chunk: the rebase granularity
-constexpr int64_t kMinSplitCols = 16384;   // smallest vocabulary slice worth its own thread
+constexpr int64_t kSliceCols = 16384;      // a row is computed as slices of this many columns
 constexpr int64_t kMinParallelWork = 1 << 15;  // below this many logits, threads cost more than they save
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -191,6 +191,22 @@ inline void write_row(const TokenStatsArgs& a, int64_t row, float target, const 
   a.logp[row] = static_cast<float>(static_cast<double>(target) - lse);
 }
 
+// A row is always computed as the same fixed slices of kSliceCols columns, merged left to
+// right, whether the slices run on one thread or on several: the result is then bit-identical
+// for every thread count.
+template <typename T, typename IsBF16>
+Partial row_stats(const TokenStatsArgs& a, const T* row, float target, const Partial* done,
+                  int64_t n_slices) {
+  Partial p;
+  for (int64_t s = 0; s < n_slices; ++s) {
+    const int64_t begin = s * kSliceCols;
+    const int64_t end = begin + kSliceCols < a.n_cols ? begin + kSliceCols : a.n_cols;
+    const Partial q = done ? done[s] : slice_stats<T, IsBF16>(row, a.col_stride, begin, end, target);
+    if (s == 0) p = q; else merge_into(p, q);
+  }
+  return p;
+}
+
 template <typename T, typename IsBF16>
 Status run(const TokenStatsArgs& a) {
   const T* base = static_cast<const T*>(a.logits);
@@ -204,60 +220,41 @@ Status run(const TokenStatsArgs& a) {
     }
   }
   const int n_threads = a.n_rows * a.n_cols < kMinParallelWork ? 1 : a.n_threads;
-  // Few rows: split each row's vocabulary across threads and merge the partials.
-  int64_t splits = 1;
-  if (a.n_rows < n_threads) {
-    splits = (n_threads + a.n_rows - 1) / a.n_rows;
-    const int64_t max_splits = a.n_cols / kMinSplitCols > 1 ? a.n_cols / kMinSplitCols : 1;
-    splits = splits < max_splits ? splits : max_splits;
-  }
-  int64_t first_nonfinite = std::numeric_limits<int64_t>::max();
-
-  if (splits == 1) {
-#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(min : first_nonfinite)
-    for (int64_t r = 0; r < a.n_rows; ++r) {
-      const int64_t t = a.targets[r];
-      if (t == a.ignore_index) {
-        a.rank[r] = -1;
-        a.ties[r] = 0;
-        a.logp[r] = 0.0f;
-        continue;
-      }
-      const T* row = base + row_offset(a, r);
-      const float target = load_value(row + t * a.col_stride, IsBF16{});
-      const Partial p = slice_stats<T, IsBF16>(row, a.col_stride, 0, a.n_cols, target);
-      write_row(a, r, target, p);
-      if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
-    }
-  } else {
-    const int64_t n_tasks = a.n_rows * splits;
-    const int64_t slice = (a.n_cols + splits - 1) / splits;
-    std::vector<Partial> parts(static_cast<size_t>(n_tasks));
+  const int64_t n_slices = (a.n_cols + kSliceCols - 1) / kSliceCols;
+  // Few rows: hand out (row, slice) pairs instead of rows, so a single row still uses every
+  // thread; the per-slice partials are merged afterwards in the same order.
+  const bool by_slice = a.n_rows < 2 * static_cast<int64_t>(n_threads) && n_slices > 1;
+  std::vector<Partial> parts(by_slice ? static_cast<size_t>(a.n_rows * n_slices) : 0);
+  if (by_slice) {
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t r = task / splits, s = task % splits;
+    for (int64_t task = 0; task < a.n_rows * n_slices; ++task) {
+      const int64_t r = task / n_slices, s = task % n_slices;
       const int64_t t = a.targets[r];
       if (t == a.ignore_index) continue;
       const T* row = base + row_offset(a, r);
-      const float target = load_value(row + t * a.col_stride, IsBF16{});
-      const int64_t begin = s * slice;
-      const int64_t end = begin + slice < a.n_cols ? begin + slice : a.n_cols;
-      if (begin < end) parts[task] = slice_stats<T, IsBF16>(row, a.col_stride, begin, end, target);
+      const int64_t begin = s * kSliceCols;
+      const int64_t end = begin + kSliceCols < a.n_cols ? begin + kSliceCols : a.n_cols;
+      parts[task] = slice_stats<T, IsBF16>(row, a.col_stride, begin, end,
+                                           load_value(row + t * a.col_stride, IsBF16{}));
     }
-    for (int64_t r = 0; r < a.n_rows; ++r) {
-      const int64_t t = a.targets[r];
-      if (t == a.ignore_index) {
-        a.rank[r] = -1;
-        a.ties[r] = 0;
-        a.logp[r] = 0.0f;
-        continue;
-      }
-      Partial p = parts[r * splits];
-      for (int64_t s = 1; s < splits; ++s) merge_into(p, parts[r * splits + s]);
-      const T* row = base + row_offset(a, r);
-      write_row(a, r, load_value(row + t * a.col_stride, IsBF16{}), p);
-      if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
+  }
+  int64_t first_nonfinite = std::numeric_limits<int64_t>::max();
+#pragma omp parallel for schedule(static) num_threads(by_slice ? 1 : n_threads) \
+    reduction(min : first_nonfinite)
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    const int64_t t = a.targets[r];
+    if (t == a.ignore_index) {
+      a.rank[r] = -1;
+      a.ties[r] = 0;
+      a.logp[r] = 0.0f;
+      continue;
     }
+    const T* row = base + row_offset(a, r);
+    const float target = load_value(row + t * a.col_stride, IsBF16{});
+    const Partial p = row_stats<T, IsBF16>(a, row, target, by_slice ? &parts[r * n_slices] : nullptr,
+                                           n_slices);
+    write_row(a, r, target, p);
+    if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
   }
   if (first_nonfinite != std::numeric_limits<int64_t>::max()) status.nonfinite_row = first_nonfinite;
   return status;
