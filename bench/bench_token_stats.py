@@ -1,8 +1,9 @@
 """Benchmark of rankops.token_stats: check first, then time, against baselines of the same run.
 
 For every case (backend, dtype, N, V) it prints ms, GB/s of logits read, the fraction of a
-one-pass read of the same tensor (the fastest of torch.amax and torch.sum over it, timed in the
-same run) and the speedup over the torch reference backend. Results are checked against the
+one-pass read of the same tensor (the faster of torch.amax and torch.sum over it) and the
+speedup over the torch reference backend. All of a case's timings are interleaved round by
+round, so the ratios compare like with like on a shared, noisy machine. Results are checked against the
 reference before anything is timed: ranks and ties exactly, logp to 1e-4.
 
     python bench/bench_token_stats.py                      # the CPU cases of the core issue
@@ -24,23 +25,29 @@ from rankops import _ext
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def time_ms(fn, repeat: int, device: str) -> float:
-    """Median wall time of fn() in milliseconds, after one warm-up call."""
+def _elapsed_ms(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
     fn()
-    samples = []
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: dict, repeat: int, device: str) -> dict:
+    """Median ms of each fn, after one warm-up call each. The fns take turns within every
+    round, so a change in machine load affects all of them alike and their ratios hold."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
     for _ in range(repeat):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            samples[name].append(_elapsed_ms(fn, device))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def make_case(n_rows: int, n_vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -113,16 +120,19 @@ def main() -> None:
                 logits, targets = make_case(n_rows, n_vocab, DTYPES[dtype_name], args.device)
                 gbytes = logits.numel() * logits.element_size() / 1e9
                 ref = rankops.token_stats(logits, targets, backend="torch")
-                read_ms = min(time_ms(lambda: logits.amax(), args.repeat, args.device),
-                              time_ms(lambda: logits.sum(), args.repeat, args.device))
-                torch_ms = time_ms(lambda: rankops.token_stats(logits, targets, backend="torch"),
-                                   max(2, args.repeat // 2), args.device)
-                cases = [("torch", torch_ms)]
                 for backend in backends:
                     check(backend, logits, targets, ref)
-                    ms = time_ms(lambda: rankops.token_stats(logits, targets, backend=backend),
-                                 args.repeat, args.device)
-                    cases.append((backend, ms))
+                fns = {
+                    "read_amax": lambda: logits.amax(),
+                    "read_sum": lambda: logits.sum(),
+                    "torch": lambda: rankops.token_stats(logits, targets, backend="torch"),
+                }
+                for backend in backends:
+                    fns[backend] = (lambda b: lambda: rankops.token_stats(logits, targets, backend=b))(backend)
+                ms_by_name = time_interleaved(fns, args.repeat, args.device)
+                read_ms = min(ms_by_name["read_amax"], ms_by_name["read_sum"])
+                torch_ms = ms_by_name["torch"]
+                cases = [("torch", torch_ms)] + [(b, ms_by_name[b]) for b in backends]
                 for backend, ms in cases:
                     row = dict(env, op="token_stats", backend=backend, device=args.device,
                                dtype=dtype_name, N=n_rows, V=n_vocab, ms=round(ms, 3),

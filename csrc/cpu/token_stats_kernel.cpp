@@ -49,7 +49,9 @@ inline float load_value(const uint16_t* p, std::false_type /*is_bf16*/) {
   const uint32_t sign = (h & 0x8000u) << 16;
   const float scaled = bits_to_float(magnitude) * 0x1p112f;
   const uint32_t special = magnitude | 0x7f800000u;
-  const uint32_t bits = (h & 0x7c00u) == 0x7c00u ? special : float_to_bits(scaled);
+  // A bitwise blend rather than a ternary, so that SSE2/AVX2 builds vectorise it too.
+  const uint32_t is_special = 0u - static_cast<uint32_t>((h & 0x7c00u) == 0x7c00u);
+  const uint32_t bits = (is_special & special) | (~is_special & float_to_bits(scaled));
   return bits_to_float(bits | sign);
 }
 inline float load_value(const float* p, std::false_type) { return *p; }
@@ -59,8 +61,11 @@ inline float load_value(const float* p, std::false_type) { return *p; }
 // (Cephes' expf coefficients, about 1 ulp), then the 2^n scale built in the exponent bits.
 // Clamping below at -87 keeps 2^n a normal number: such terms are 38 orders of magnitude under
 // the reference term. NaN propagates (NaN < c is false), which the non-finite check relies on.
+// The clamp is a bitwise blend: written as a ternary, GCC (without -ffast-math) if-converts it
+// only for AVX-512 and leaves the SSE2/AVX2 loops scalar.
 inline float exp_bounded(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  const uint32_t below = 0u - static_cast<uint32_t>(x < -87.0f);
+  x = bits_to_float((below & float_to_bits(-87.0f)) | (~below & float_to_bits(x)));
   // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer, which lands in the low
   // mantissa bits; subtracting it back gives that integer as a float.
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
@@ -111,6 +116,35 @@ struct ChunkStats {
   int32_t n_greater, n_equal;
 };
 
+// Lane-parallel accumulators: element i of a chunk goes to lane i mod kLanes, and the lanes are
+// combined in a fixed order at the end. The fixed-width inner loops below vectorise on every
+// ISA (4 SSE, 2 AVX2 or 1 AVX-512 register per statistic), and the summation order is set by
+// this code rather than by the vectoriser, so it is the same on every ISA.
+constexpr int kLanes = 16;
+
+struct Lanes {
+  float max[kLanes], min[kLanes], sum[kLanes];
+  int32_t gt[kLanes], eq[kLanes];
+  Lanes() {
+    for (int j = 0; j < kLanes; ++j) {
+      max[j] = kNegInf; min[j] = -kNegInf; sum[j] = 0.0f; gt[j] = 0; eq[j] = 0;
+    }
+  }
+};
+
+template <typename T, typename IsBF16, bool kContiguous>
+inline void lanes_step(Lanes& L, const T* __restrict src, int64_t stride, int width, float target,
+                       float ref) {
+  for (int j = 0; j < width; ++j) {
+    const float v = load_value(src + (kContiguous ? j : j * stride), IsBF16{});
+    L.max[j] = v > L.max[j] ? v : L.max[j];
+    L.min[j] = v < L.min[j] ? v : L.min[j];
+    L.gt[j] += v > target;
+    L.eq[j] += v == target;
+    L.sum[j] += exp_bounded(v - ref);
+  }
+}
+
 // The fused pass: every statistic of a chunk from one load of each value. The stride is a
 // template parameter so the contiguous case is a plain vector load rather than a gather.
 // min and max expose -inf and +inf; a NaN makes sum_exp NaN, or (if the chunk is all NaN)
@@ -118,26 +152,34 @@ struct ChunkStats {
 template <typename T, typename IsBF16, bool kContiguous>
 inline ChunkStats chunk_stats(const T* __restrict src, int64_t stride, int64_t n, float target,
                               float ref) {
-  float hi = kNegInf, lo = -kNegInf, s = 0.0f;
-  int32_t gt = 0, eq = 0;
-#pragma omp simd reduction(max : hi) reduction(min : lo) reduction(+ : gt, eq, s)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = load_value(src + (kContiguous ? i : i * stride), IsBF16{});
-    hi = v > hi ? v : hi;
-    lo = v < lo ? v : lo;
-    gt += v > target;
-    eq += v == target;
-    s += exp_bounded(v - ref);
+  Lanes L;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    lanes_step<T, IsBF16, kContiguous>(L, src + i * stride, stride, kLanes, target, ref);
+  if (i < n)
+    lanes_step<T, IsBF16, kContiguous>(L, src + i * stride, stride, static_cast<int>(n - i), target, ref);
+  ChunkStats c{kNegInf, -kNegInf, 0.0f, 0, 0};
+  for (int j = 0; j < kLanes; ++j) {
+    c.max = L.max[j] > c.max ? L.max[j] : c.max;
+    c.min = L.min[j] < c.min ? L.min[j] : c.min;
+    c.sum_exp += L.sum[j];
+    c.n_greater += L.gt[j];
+    c.n_equal += L.eq[j];
   }
-  return ChunkStats{hi, lo, s, gt, eq};
+  return c;
 }
 
 template <typename T, typename IsBF16, bool kContiguous>
 inline float chunk_sum_exp(const T* __restrict src, int64_t stride, int64_t n, float ref) {
+  float lanes[kLanes] = {0.0f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j)
+      lanes[j] += exp_bounded(load_value(src + (i + j) * (kContiguous ? 1 : stride), IsBF16{}) - ref);
+  for (int j = 0; i + j < n; ++j)
+    lanes[j] += exp_bounded(load_value(src + (i + j) * (kContiguous ? 1 : stride), IsBF16{}) - ref);
   float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i)
-    s += exp_bounded(load_value(src + (kContiguous ? i : i * stride), IsBF16{}) - ref);
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
   return s;
 }
 

@@ -60,6 +60,8 @@ def check_inputs(logits, targets, ignore_index, vocab_size) -> int:
                          f"{logits.device} and targets on {targets.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     n_vocab = logits.shape[-1]
     if n_vocab == 0:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
@@ -136,6 +138,8 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: in
         ([2, 0], [0, 2])
     """
     n_cols = check_inputs(logits, targets, ignore_index, vocab_size)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
     backend = resolve_backend(backend, logits)
     targets = targets.to(torch.int64).contiguous()
     if backend == "cpu":

@@ -1,0 +1,151 @@
+"""Triton kernels for token_stats and per-rank accumulation (GPU; CPU under TRITON_INTERPRET=1).
+
+Each row of logits is split into fixed slices of SLICE_COLS columns; one program streams one
+(row, slice) in BLOCK-wide tiles, reading each logit once: it counts values above and equal to
+the target logit and keeps an online max and sum of exponentials (one exp2 per element, the
+argument pre-scaled by log2(e), and one rescale per tile). A second kernel merges a row's slice
+partials in a fixed order (log-add-exp for the sums, integer addition for the counts), writes
+rank, ties and logp, and for accumulation adds the token to the per-rank int64 histograms with
+integer atomics on exact fixed-point logp, so the histograms are bit-identical run after run.
+The slices do not depend on the launch configuration, so neither does any result. Offsets are
+64-bit. Nothing here synchronises with the host.
+"""
+import torch
+import triton
+import triton.language as tl
+
+SLICE_COLS = 16384   # columns per program: keeps few-row, huge-V inputs spread over the GPU
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _slice_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignore_index,
+                  part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr, part_bad_ptr,
+                  n_slices, SLICE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    sl = tl.program_id(1).to(tl.int64)
+    t = tl.load(targets_ptr + row)
+    keep = t != ignore_index
+    row_ptr = logits_ptr + row * stride_row
+    # The target logit first: every compare of the stream is against it.
+    z_t = tl.load(row_ptr + tl.where(keep, t, 0) * stride_col).to(tl.float32)
+    begin = sl * SLICE
+    end = tl.minimum(begin + SLICE, n_cols)
+    end = tl.where(keep, end, begin)  # an ignored row reads nothing
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    gt = tl.zeros((), tl.int64)
+    eq = tl.zeros((), tl.int64)
+    bad = tl.zeros((), tl.int32)
+    for start in range(begin, end, BLOCK):
+        c = start + cols
+        inside = c < end
+        x = tl.load(row_ptr + c * stride_col, mask=inside, other=float("-inf")).to(tl.float32)
+        gt += tl.sum((inside & (x > z_t)).to(tl.int64), axis=0)
+        eq += tl.sum((inside & (x == z_t)).to(tl.int64), axis=0)
+        nonfinite = inside & ((x != x) | (x == float("inf")) | (x == float("-inf")))
+        bad = bad | tl.max(nonfinite.to(tl.int32), axis=0)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # An all -inf prefix leaves m_new = -inf; shift by 0 then so no inf - inf appears.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
+        s = s * tl.exp2(m * 1.4426950408889634 - shift) + \
+            tl.sum(tl.exp2(x * 1.4426950408889634 - shift), axis=0)
+        m = m_new
+    out = row * n_slices + sl
+    tl.store(part_max_ptr + out, m)
+    tl.store(part_sum_ptr + out, s)
+    tl.store(part_gt_ptr + out, gt)
+    tl.store(part_eq_ptr + out, eq)
+    tl.store(part_bad_ptr + out, bad)
+
+
+@triton.jit
+def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, ignore_index,
+                   part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr, part_bad_ptr, n_slices,
+                   rank_ptr, ties_ptr, logp_ptr, bad_ptr, stats_ptr, hist_len,
+                   ACCUMULATE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(targets_ptr + row)
+    keep = t != ignore_index
+    z_t = tl.load(logits_ptr + row * stride_row + tl.where(keep, t, 0) * stride_col).to(tl.float32)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    gt = tl.zeros((), tl.int64)
+    eq = tl.zeros((), tl.int64)
+    bad = tl.zeros((), tl.int32)
+    for sl in range(0, n_slices):  # fixed order: the result never depends on scheduling
+        i = row * n_slices + sl
+        pm = tl.load(part_max_ptr + i)
+        m_new = tl.maximum(m, pm)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.load(part_sum_ptr + i) * tl.exp(pm - shift)
+        m = m_new
+        gt += tl.load(part_gt_ptr + i)
+        eq += tl.load(part_eq_ptr + i)
+        bad = bad | tl.load(part_bad_ptr + i)
+    rank = gt
+    ties = eq - (z_t == z_t).to(tl.int64)  # the target is not its own tie
+    logp = z_t - (m + tl.log(tl.where(keep, s, 1.0)))  # ignored rows summed nothing
+    tl.store(rank_ptr + row, tl.where(keep, rank, -1))
+    tl.store(ties_ptr + row, tl.where(keep, ties, 0))
+    tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
+    tl.store(bad_ptr + row, tl.where(keep, bad, 0))
+    if ACCUMULATE:
+        # Exact fixed point (rankops.accumulate): q = floor(logp * 2^40 + 1/2), added as
+        # hi = q >> 32 and lo = q & (2^32 - 1); the caller moves lo's carry afterwards.
+        ok = keep & (bad == 0) & (tl.abs(logp) < 8388608.0)
+        q = tl.floor(logp.to(tl.float64) * 1099511627776.0 + 0.5).to(tl.int64)
+        q = tl.where(ok, q, 0)
+        hi = q >> 32
+        lo = q & 0xFFFFFFFF
+        kp = rank + ties
+        one = tl.full((), 1, tl.int64)
+        tl.atomic_add(stats_ptr + 0 * hist_len + rank, one, mask=ok)
+        tl.atomic_add(stats_ptr + 1 * hist_len + rank, hi, mask=ok)
+        tl.atomic_add(stats_ptr + 2 * hist_len + rank, lo, mask=ok)
+        tl.atomic_add(stats_ptr + 3 * hist_len + kp, one, mask=ok)
+        tl.atomic_add(stats_ptr + 4 * hist_len + kp, hi, mask=ok)
+        tl.atomic_add(stats_ptr + 5 * hist_len + kp, lo, mask=ok)
+
+
+def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
+            stats=None):
+    """logits [N, V] (any strides), targets [N] int64 contiguous. Returns rank, ties, logp, bad."""
+    n_rows = logits.shape[0]
+    device = logits.device
+    n_slices = triton.cdiv(n_cols, SLICE_COLS)
+    block = min(4096, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
+    part_max = torch.empty(n_rows * n_slices, dtype=torch.float32, device=device)
+    part_sum = torch.empty_like(part_max)
+    part_gt = torch.empty(n_rows * n_slices, dtype=torch.int64, device=device)
+    part_eq = torch.empty_like(part_gt)
+    part_bad = torch.empty(n_rows * n_slices, dtype=torch.int32, device=device)
+    _slice_kernel[(n_rows, n_slices)](
+        logits, targets, logits.stride(0), logits.stride(1), n_cols, ignore_index,
+        part_max, part_sum, part_gt, part_eq, part_bad, n_slices, SLICE=SLICE_COLS, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4)
+    rank = torch.empty(n_rows, dtype=torch.int64, device=device)
+    ties = torch.empty_like(rank)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
+    bad = torch.empty(n_rows, dtype=torch.int32, device=device)
+    accumulate = stats is not None
+    _finish_kernel[(n_rows,)](
+        logits, targets, logits.stride(0), logits.stride(1), ignore_index,
+        part_max, part_sum, part_gt, part_eq, part_bad, n_slices,
+        rank, ties, logp, bad, stats if accumulate else rank, stats.shape[1] if accumulate else 0,
+        ACCUMULATE=accumulate, num_warps=1)
+    return rank, ties, logp, bad
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int):
+    """Per-token rank, ties, logp and a per-row non-finite flag; logits [N, V], targets [N]."""
+    return _launch(logits, targets, ignore_index, n_cols)
+
+
+def accumulate(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
+               stats: torch.Tensor):
+    """Adds kept, finite tokens into stats [6, V] (int64, the accumulator's layout).
+
+    Returns (rank, ties, logp, bad) so the caller can check what was skipped."""
+    return _launch(logits, targets, ignore_index, n_cols, stats)
