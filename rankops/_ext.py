@@ -18,6 +18,10 @@ def has_cpu_kernel() -> bool:
     return _C is not None
 
 
+def has_cuda_kernel() -> bool:
+    return _C is not None and bool(getattr(_C, "has_cuda", False))
+
+
 def require():
     if _C is None:
         raise RuntimeError(

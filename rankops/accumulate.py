@@ -12,7 +12,8 @@ import torch
 
 from rankops import _ext
 from rankops.decompose import TIE_MODES, Decomposition, decompose_counts
-from rankops.ops.token_stats import check_inputs, kernel_view, nonfinite_error, resolve_backend, token_stats
+from rankops.ops.token_stats import (check_inputs, check_sync_options, first_flagged_row, kernel_view,
+                                     nonfinite_error, resolve_backend, token_stats)
 
 STATE_FORMAT = 1
 LOGP_SCALE = 2.0 ** 40
@@ -65,6 +66,7 @@ class RankAccumulator:
         device = torch.device("cpu" if device is None else device)
         self.stats = torch.zeros(6, vocab_size, dtype=torch.int64, device=device)  # rows: see COUNT...
         self.n_tied = torch.zeros((), dtype=torch.int64, device=device)  # tokens with >= 1 tie
+        self.n_skipped = torch.zeros((), dtype=torch.int64, device=device)  # see update(validate=)
         self.ties_known = True  # False once update_stats() was given no ties
 
     # Read-only views of the state.
@@ -109,19 +111,25 @@ class RankAccumulator:
                              f"{self.device}")
         self.stats = self.stats.to(device)
         self.n_tied = self.n_tied.to(device)
+        self.n_skipped = self.n_skipped.to(device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
-               backend: str = "auto", check_finite: bool = True) -> None:
+               backend: str = "auto", check_finite: bool = True, validate: bool = True) -> None:
         """Adds a batch: logits [..., V] with V >= vocab_size, targets of the leading shape.
 
         check_finite=False admits non-finite logits (say -inf for masked tokens) as long as
-        every kept token's logp is finite. A call that raises adds nothing."""
+        every kept token's logp is finite. A call that raises adds nothing. validate=False
+        (with check_finite=False) skips every check that needs a device sync; a token whose
+        logp cannot be accumulated is then left out and counted in n_skipped, which
+        decompose() reports."""
         if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[-1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns but the accumulator counts "
                              f"vocab_size={self.vocab_size} ranks")
-        check_inputs(logits, targets, ignore_index, self.vocab_size)
+        check_sync_options(check_finite, validate)
+        check_inputs(logits, targets, ignore_index, self.vocab_size, validate)
         self._adopt_device(logits.device, "logits")
-        if resolve_backend(backend, logits) == "cpu":
+        backend = resolve_backend(backend, logits)
+        if backend == "cpu":
             view = kernel_view(logits)
             targets64 = targets.to(torch.int64).contiguous().view(view.shape[:-1])
             nonfinite_row, bad_logp_row, _, n_tied = _ext.cpu_accumulate(
@@ -131,10 +139,41 @@ class RankAccumulator:
             if bad_logp_row >= 0:
                 raise _bad_logp_error(bad_logp_row, targets.shape)
             self.n_tied += n_tied
-            return
-        stats = token_stats(logits, targets, ignore_index=ignore_index, vocab_size=self.vocab_size,
-                            backend=backend, check_finite=check_finite)
-        self.update_stats(stats.rank, stats.logp, ties=stats.ties)
+        elif backend in ("triton", "cuda"):
+            self._update_gpu(backend, logits, targets, ignore_index, check_finite, validate)
+        else:
+            stats = token_stats(logits, targets, ignore_index=ignore_index,
+                                vocab_size=self.vocab_size, backend=backend,
+                                check_finite=check_finite)
+            self.update_stats(stats.rank, stats.logp, ties=stats.ties)
+
+    def _update_gpu(self, backend, logits, targets, ignore_index, check_finite, validate):
+        """The fused kernels add each token to the histograms with integer atomics. When
+        validating, they write to a scratch copy that is merged only once the checks pass."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat_targets = targets.to(torch.int64).reshape(-1).contiguous()
+        target_stats = torch.zeros_like(self.stats) if validate else self.stats
+        if backend == "triton":
+            from rankops.ops import token_stats_triton
+            rank, ties, logp, bad = token_stats_triton.accumulate(
+                flat, flat_targets, ignore_index, self.vocab_size, target_stats)
+        else:
+            rank, ties, logp, bad = _ext.cuda_accumulate(
+                flat, flat_targets, ignore_index, self.vocab_size, target_stats)
+        kept = rank >= 0
+        unaccumulable = kept & ~(logp.abs() < LOGP_LIMIT)  # the kernel left these out
+        if validate:
+            row = first_flagged_row(kept & (bad != 0)) if check_finite else None
+            if row is not None:
+                raise nonfinite_error(row, targets.shape)
+            row = first_flagged_row(unaccumulable)
+            if row is not None:
+                raise _bad_logp_error(row, targets.shape)
+            self.stats += target_stats
+        else:
+            self.n_skipped += unaccumulable.sum()
+        self.n_tied += (kept & (ties > 0) & ~unaccumulable).sum()
+        normalize_carry(self.stats)
 
     def update_stats(self, rank: torch.Tensor, logp: torch.Tensor,
                      ties: Optional[torch.Tensor] = None) -> None:
@@ -193,6 +232,7 @@ class RankAccumulator:
                              f"{other.vocab_size}")
         self.stats += other.stats.to(self.device)
         self.n_tied += other.n_tied.to(self.device)
+        self.n_skipped += other.n_skipped.to(self.device)
         normalize_carry(self.stats)
         self.ties_known = self.ties_known and other.ties_known
         return self
@@ -210,7 +250,8 @@ class RankAccumulator:
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "vocab_size": self.vocab_size, "stats": self.stats.clone(),
-                "n_tied": self.n_tied.clone(), "ties_known": self.ties_known}
+                "n_tied": self.n_tied.clone(), "n_skipped": self.n_skipped.clone(),
+                "ties_known": self.ties_known}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict):
@@ -229,12 +270,17 @@ class RankAccumulator:
             raise ValueError(f"state['stats'] must be an int64 tensor of shape (6, {self.vocab_size})")
         self.stats = stats.to(self.device).clone()
         self.n_tied = torch.as_tensor(state["n_tied"], dtype=torch.int64).to(self.device).clone()
+        self.n_skipped = torch.as_tensor(state.get("n_skipped", 0), dtype=torch.int64).to(self.device).clone()
         self.ties_known = bool(state.get("ties_known", True))
 
     def decompose(self, ties: str = "strict") -> Decomposition:
         """The decomposition of everything added so far; ties="pessimistic" uses rank + ties."""
         if ties not in TIE_MODES:
             raise ValueError(f"ties must be one of {TIE_MODES}, got {ties!r}")
+        n_skipped = int(self.n_skipped)
+        if n_skipped:
+            raise ValueError(f"{n_skipped} token(s) were left out by update(validate=False) because "
+                             "their logp was non-finite; the decomposition would not cover them")
         if ties == "pessimistic":
             if not self.ties_known:
                 raise ValueError("the tie-pessimistic decomposition needs tie counts, but "

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import rankops
+from conftest import runs_on_host
 
-# Backends that take CPU tensors (all of them in a CPU-only build); GPU backends, when built,
-# are tested with GPU tensors elsewhere.
-BACKENDS = [b for b in rankops.available_backends() if b in ("cpu", "torch")]
+# Backends that take CPU tensors: cpu, torch, and triton under its interpreter (conftest.py
+# turns that on without a GPU). GPU tensors are covered in tests/test_gpu.py.
+BACKENDS = [b for b in rankops.available_backends() if runs_on_host(b)]
 HAS_CPU = "cpu" in BACKENDS
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="CPU kernel not built")
 ARRAYS = ("count", "sum_logp", "count_pessimistic", "sum_logp_pessimistic")
@@ -33,7 +34,7 @@ REL = 1e-12
 # (backend, dtype) pairs each backend accepts: the CPU kernel reads fp32/bf16/fp16, the torch
 # reference also float64.
 BACKEND_DTYPES = [(b, dt) for b in BACKENDS
-                  for dt in ((torch.float32, torch.bfloat16, torch.float16) if b == "cpu"
+                  for dt in ((torch.float32, torch.bfloat16, torch.float16) if b != "torch"
                              else (torch.float32, torch.bfloat16, torch.float64))]
 
 

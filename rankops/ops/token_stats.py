@@ -5,6 +5,8 @@ The one dispatch seam for every backend. Definitions (DESIGN.md section 1):
     ties = #{v != t : z_v == z_t}
     logp = z_t - logsumexp(z)          natural log, accumulated in fp32 or better
 """
+import importlib.util
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,17 +30,37 @@ class TokenStats(NamedTuple):
     logp: torch.Tensor
 
 
+def _triton_usable() -> bool:
+    # Triton runs on CUDA devices, and on the CPU under its interpreter (TRITON_INTERPRET=1).
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or triton_interpreted()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available_backends() -> list:
-    """The backends this installation can run, fastest first ("torch" is always present)."""
+    """The backends this installation can run here, fastest first ("torch" is always present).
+
+    "cuda": the CUDA kernels, when built and a GPU is present. "triton": the Triton kernels, on
+    a GPU or under TRITON_INTERPRET=1 (then on CPU tensors). "cpu": the C++ kernel."""
     names = []
+    if _ext.has_cuda_kernel() and torch.cuda.is_available():
+        names.append("cuda")
+    if _triton_usable():
+        names.append("triton")
     if _ext.has_cpu_kernel():
         names.append("cpu")
     names.append("torch")
     return names
 
 
-def check_inputs(logits, targets, ignore_index, vocab_size) -> int:
-    """Validates the arguments of token_stats; returns the number of columns that count."""
+def check_inputs(logits, targets, ignore_index, vocab_size, validate=True) -> int:
+    """Validates the arguments of token_stats; returns the number of columns that count.
+
+    With validate=False the target range (a device sync on a GPU) is not checked."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(targets, torch.Tensor):
@@ -76,6 +98,8 @@ def check_inputs(logits, targets, ignore_index, vocab_size) -> int:
             raise ValueError(f"vocab_size must be in [1, {n_vocab}] (the logits' last dimension), "
                              f"got {vocab_size}")
         n_cols = vocab_size
+    if not validate:
+        return n_cols
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_cols))
     if bool(bad.any()):
         pos = tuple(int(i) for i in torch.nonzero(bad)[0])
@@ -88,19 +112,27 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()
+    on_gpu = logits.device.type == "cuda"
     if backend == "auto":
-        if logits.device.type == "cpu" and logits.dtype in KERNEL_DTYPES and "cpu" in available:
-            return "cpu"
+        if logits.dtype not in KERNEL_DTYPES:
+            return "torch"
+        for name in (("cuda", "triton") if on_gpu else ("cpu",)):
+            if name in available:
+                return name
         return "torch"
     if backend not in available:
         raise ValueError(f"backend {backend!r} is not available in this installation "
                          f"(available: {available})")
-    if backend == "cpu":
-        if logits.device.type != "cpu":
-            raise ValueError(f"backend 'cpu' needs CPU tensors, got logits on {logits.device}")
-        if logits.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend 'cpu' supports float32, bfloat16 and float16 logits, got "
-                            f"{logits.dtype}; use backend='torch' for float64")
+    if backend != "torch" and logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend {backend!r} supports float32, bfloat16 and float16 logits, got "
+                        f"{logits.dtype}; use backend='torch' for float64")
+    if backend == "cpu" and logits.device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got logits on {logits.device}")
+    if backend == "cuda" and not on_gpu:
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got logits on {logits.device}")
+    if backend == "triton" and not on_gpu and not (logits.device.type == "cpu" and triton_interpreted()):
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors under "
+                         f"TRITON_INTERPRET=1), got logits on {logits.device}")
     return backend
 
 
@@ -117,9 +149,50 @@ def kernel_view(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def first_flagged_row(flags: torch.Tensor) -> Optional[int]:
+    """Index of the first nonzero entry of a per-row flag tensor, or None (syncs on a GPU)."""
+    idx = torch.nonzero(flags.reshape(-1))
+    return int(idx[0, 0]) if idx.numel() else None
+
+
+def check_sync_options(check_finite, validate):
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {validate!r}")
+    if check_finite and not validate:
+        raise ValueError("check_finite=True needs validate=True (finding non-finite logits on a GPU "
+                         "synchronises); pass check_finite=False as well for sync-free use")
+
+
+def _run_cpu(logits, targets, ignore_index, n_cols):
+    view = kernel_view(logits)
+    rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
+                                                     ignore_index, n_cols)
+    return rank, ties, logp, (None if bad_row < 0 else bad_row)
+
+
+def _run_torch(logits, targets, ignore_index, n_cols, check_finite):
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
+    bad_row = reference.has_nonfinite_row(flat, flat_targets, ignore_index, n_cols) if check_finite else None
+    if bad_row is not None:
+        return None, None, None, bad_row
+    return (*reference.token_stats(flat, flat_targets, ignore_index, n_cols), None)
+
+
+def _run_gpu(backend, logits, targets, ignore_index, n_cols, check_finite):
+    flat = logits.reshape(-1, logits.shape[-1])  # a view whenever the rows can be flattened
+    if backend == "triton":
+        from rankops.ops import token_stats_triton
+        rank, ties, logp, bad = token_stats_triton.token_stats(flat, targets.view(-1), ignore_index, n_cols)
+    else:
+        rank, ties, logp, bad = _ext.cuda_token_stats(flat, targets.view(-1), ignore_index, n_cols)
+    return rank, ties, logp, (first_flagged_row(bad) if check_finite else None)
+
+
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
                 vocab_size: Optional[int] = None, backend: str = "auto",
-                check_finite: bool = True) -> TokenStats:
+                check_finite: bool = True, validate: bool = True) -> TokenStats:
     """Rank, tie count and log-probability of each target token, in one read of the logits.
 
     Args:
@@ -127,9 +200,13 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: in
         targets: integer tensor of the leading shape; ignore_index marks tokens to drop.
         ignore_index: such tokens get rank -1, ties 0 and logp 0.0.
         vocab_size: count only the first vocab_size columns (padded output layers).
-        backend: "auto", "cpu" (the C++ kernel), or "torch" (the reference).
+        backend: "auto", "cuda", "triton", "cpu" (the C++ kernel) or "torch" (the reference).
         check_finite: raise on NaN or +-inf logits in kept rows (the default). With False the
             result follows IEEE arithmetic: NaN never counts as greater, and logp may be NaN.
+        validate: check the targets' range (and, with check_finite, the logits) at the cost of
+            a device sync on a GPU. validate=False, with check_finite=False, makes the GPU
+            backends sync-free (for CUDA graphs); out-of-range targets then come back as
+            ignored rows instead of raising.
 
     Example:
         >>> logits = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.5, 0.5]])
@@ -137,23 +214,17 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: in
         >>> s.rank.tolist(), s.ties.tolist()
         ([2, 0], [0, 2])
     """
-    n_cols = check_inputs(logits, targets, ignore_index, vocab_size)
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    check_sync_options(check_finite, validate)
+    n_cols = check_inputs(logits, targets, ignore_index, vocab_size, validate)
     backend = resolve_backend(backend, logits)
     targets = targets.to(torch.int64).contiguous()
     if backend == "cpu":
-        view = kernel_view(logits)
-        rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
-                                                         ignore_index, n_cols)
-        if check_finite and bad_row >= 0:
-            raise nonfinite_error(bad_row, targets.shape)
-        return TokenStats(rank.view(targets.shape), ties.view(targets.shape), logp.view(targets.shape))
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.view(-1)
-    if check_finite:
-        bad_row = reference.has_nonfinite_row(flat_logits, flat_targets, ignore_index, n_cols)
-        if bad_row is not None:
-            raise nonfinite_error(bad_row, targets.shape)
-    rank, ties, logp = reference.token_stats(flat_logits, flat_targets, ignore_index, n_cols)
-    return TokenStats(rank.view(targets.shape), ties.view(targets.shape), logp.view(targets.shape))
+        rank, ties, logp, bad_row = _run_cpu(logits, targets, ignore_index, n_cols)
+    elif backend == "torch":
+        rank, ties, logp, bad_row = _run_torch(logits, targets, ignore_index, n_cols, check_finite)
+    else:
+        rank, ties, logp, bad_row = _run_gpu(backend, logits, targets, ignore_index, n_cols, check_finite)
+    if check_finite and bad_row is not None:
+        raise nonfinite_error(bad_row, targets.shape)
+    shape = targets.shape
+    return TokenStats(rank.view(shape), ties.view(shape), logp.view(shape))

@@ -19,16 +19,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
+    """Loads logits as float32. bf16 arrives as its int16 bit pattern and is upcast by a shift
+    into the top half of an fp32 word: exact for every value, subnormals included (the Triton
+    interpreter's own bf16 conversion flushes those to zero)."""
+    if BF16_BITS:
+        raw = tl.load(ptrs, mask=mask, other=-128)  # -128 = 0xff80, bf16 -inf
+        return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _slice_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignore_index,
                   part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr, part_bad_ptr,
-                  n_slices, SLICE: tl.constexpr, BLOCK: tl.constexpr):
+                  n_slices, SLICE: tl.constexpr, BLOCK: tl.constexpr, BF16_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     sl = tl.program_id(1).to(tl.int64)
     t = tl.load(targets_ptr + row)
-    keep = t != ignore_index
+    # Targets outside [0, n_cols) (only possible with validate=False) read nothing and come
+    # out as ignored: the kernel never reads outside the row.
+    keep = (t != ignore_index) & (t >= 0) & (t < n_cols)
     row_ptr = logits_ptr + row * stride_row
     # The target logit first: every compare of the stream is against it.
-    z_t = tl.load(row_ptr + tl.where(keep, t, 0) * stride_col).to(tl.float32)
+    z_t = _load_f32(row_ptr + tl.where(keep, t, 0) * stride_col, True, BF16_BITS)
     begin = sl * SLICE
     end = tl.minimum(begin + SLICE, n_cols)
     end = tl.where(keep, end, begin)  # an ignored row reads nothing
@@ -41,16 +55,17 @@ def _slice_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignor
     for start in range(begin, end, BLOCK):
         c = start + cols
         inside = c < end
-        x = tl.load(row_ptr + c * stride_col, mask=inside, other=float("-inf")).to(tl.float32)
+        x = _load_f32(row_ptr + c * stride_col, inside, BF16_BITS)
         gt += tl.sum((inside & (x > z_t)).to(tl.int64), axis=0)
         eq += tl.sum((inside & (x == z_t)).to(tl.int64), axis=0)
         nonfinite = inside & ((x != x) | (x == float("inf")) | (x == float("-inf")))
         bad = bad | tl.max(nonfinite.to(tl.int32), axis=0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # An all -inf prefix leaves m_new = -inf; shift by 0 then so no inf - inf appears.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
-        s = s * tl.exp2(m * 1.4426950408889634 - shift) + \
-            tl.sum(tl.exp2(x * 1.4426950408889634 - shift), axis=0)
+        # Subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2((m - shift) * 1.4426950408889634) + \
+            tl.sum(tl.exp2((x - shift) * 1.4426950408889634), axis=0)
         m = m_new
     out = row * n_slices + sl
     tl.store(part_max_ptr + out, m)
@@ -61,14 +76,14 @@ def _slice_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignor
 
 
 @triton.jit
-def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, ignore_index,
+def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignore_index,
                    part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr, part_bad_ptr, n_slices,
                    rank_ptr, ties_ptr, logp_ptr, bad_ptr, stats_ptr, hist_len,
-                   ACCUMULATE: tl.constexpr):
+                   ACCUMULATE: tl.constexpr, BF16_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(targets_ptr + row)
-    keep = t != ignore_index
-    z_t = tl.load(logits_ptr + row * stride_row + tl.where(keep, t, 0) * stride_col).to(tl.float32)
+    keep = (t != ignore_index) & (t >= 0) & (t < n_cols)
+    z_t = _load_f32(logits_ptr + row * stride_row + tl.where(keep, t, 0) * stride_col, True, BF16_BITS)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     gt = tl.zeros((), tl.int64)
@@ -78,7 +93,7 @@ def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, ignore_index
         i = row * n_slices + sl
         pm = tl.load(part_max_ptr + i)
         m_new = tl.maximum(m, pm)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf
         s = s * tl.exp(m - shift) + tl.load(part_sum_ptr + i) * tl.exp(pm - shift)
         m = m_new
         gt += tl.load(part_gt_ptr + i)
@@ -94,7 +109,9 @@ def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, ignore_index
     if ACCUMULATE:
         # Exact fixed point (rankops.accumulate): q = floor(logp * 2^40 + 1/2), added as
         # hi = q >> 32 and lo = q & (2^32 - 1); the caller moves lo's carry afterwards.
-        ok = keep & (bad == 0) & (tl.abs(logp) < 8388608.0)
+        # Only logp gates the add (a -inf logit elsewhere in the row is fine); the caller
+        # decides from `bad` whether non-finite logits fail the call.
+        ok = keep & (tl.abs(logp) < 8388608.0)
         q = tl.floor(logp.to(tl.float64) * 1099511627776.0 + 0.5).to(tl.int64)
         q = tl.where(ok, q, 0)
         hi = q >> 32
@@ -114,6 +131,9 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_co
     """logits [N, V] (any strides), targets [N] int64 contiguous. Returns rank, ties, logp, bad."""
     n_rows = logits.shape[0]
     device = logits.device
+    bf16_bits = logits.dtype == torch.bfloat16
+    if bf16_bits:
+        logits = logits.view(torch.int16)  # same strides, the raw bit patterns
     n_slices = triton.cdiv(n_cols, SLICE_COLS)
     block = min(4096, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
     part_max = torch.empty(n_rows * n_slices, dtype=torch.float32, device=device)
@@ -124,17 +144,17 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_co
     _slice_kernel[(n_rows, n_slices)](
         logits, targets, logits.stride(0), logits.stride(1), n_cols, ignore_index,
         part_max, part_sum, part_gt, part_eq, part_bad, n_slices, SLICE=SLICE_COLS, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4)
+        BF16_BITS=bf16_bits, num_warps=8 if block >= 2048 else 4)
     rank = torch.empty(n_rows, dtype=torch.int64, device=device)
     ties = torch.empty_like(rank)
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
     bad = torch.empty(n_rows, dtype=torch.int32, device=device)
     accumulate = stats is not None
     _finish_kernel[(n_rows,)](
-        logits, targets, logits.stride(0), logits.stride(1), ignore_index,
+        logits, targets, logits.stride(0), logits.stride(1), n_cols, ignore_index,
         part_max, part_sum, part_gt, part_eq, part_bad, n_slices,
         rank, ties, logp, bad, stats if accumulate else rank, stats.shape[1] if accumulate else 0,
-        ACCUMULATE=accumulate, num_warps=1)
+        ACCUMULATE=accumulate, BF16_BITS=bf16_bits, num_warps=1)
     return rank, ties, logp, bad
 
 
