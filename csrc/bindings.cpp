@@ -10,6 +10,9 @@
 #include <pybind11/stl.h>
 
 #include "cpu/token_stats.h"
+#ifdef RANKOPS_WITH_CUDA
+#include "cuda/token_stats.cuh"
+#endif
 
 namespace py = pybind11;
 using rankops::TokenStatsArgs;
@@ -91,6 +94,48 @@ py::tuple accumulate(uintptr_t logits_ptr, int dtype_code, const std::vector<int
                         r.n_tied);
 }
 
+#ifdef RANKOPS_WITH_CUDA
+// Enqueues the CUDA kernels on `stream`; every tensor is already on the device and allocated
+// by the caller (rankops/_ext.py), the workspace included, so nothing here allocates or syncs.
+void cuda_token_stats(uintptr_t logits_ptr, int dtype_code, int64_t n_rows, int64_t n_cols,
+                      int64_t row_stride, int64_t col_stride, uintptr_t targets_ptr,
+                      int64_t ignore_index, int64_t slice_cols, uintptr_t workspace_ptr,
+                      int64_t workspace_bytes, uintptr_t rank_ptr, uintptr_t ties_ptr,
+                      uintptr_t logp_ptr, uintptr_t bad_ptr, uintptr_t stats_ptr, int64_t hist_len,
+                      uintptr_t stream) {
+  if (dtype_code < 0 || dtype_code > 2) throw py::value_error("dtype_code must be 0, 1 or 2");
+  if (n_rows < 0 || n_cols < 1) throw py::value_error("n_rows must be >= 0 and n_cols >= 1");
+  if (slice_cols < 1) throw py::value_error("slice_cols must be >= 1");
+  const int64_t n_slices = (n_cols + slice_cols - 1) / slice_cols;
+  if (workspace_bytes < rankops::cuda::workspace_bytes(n_rows, n_slices))
+    throw py::value_error("workspace is too small");
+  if (stats_ptr != 0 && hist_len < n_cols)
+    throw py::value_error("histograms are shorter than the vocabulary");
+  if (!logits_ptr || !targets_ptr || !workspace_ptr || !rank_ptr || !ties_ptr || !logp_ptr || !bad_ptr)
+    throw py::value_error("null tensor pointer");
+  rankops::cuda::Launch L;
+  L.logits = reinterpret_cast<const void*>(logits_ptr);
+  L.dtype = dtype_code;
+  L.n_rows = n_rows;
+  L.n_cols = n_cols;
+  L.row_stride = row_stride;
+  L.col_stride = col_stride;
+  L.targets = reinterpret_cast<const int64_t*>(targets_ptr);
+  L.ignore_index = ignore_index;
+  L.slice_cols = slice_cols;
+  L.workspace = reinterpret_cast<void*>(workspace_ptr);
+  L.rank = reinterpret_cast<int64_t*>(rank_ptr);
+  L.ties = reinterpret_cast<int64_t*>(ties_ptr);
+  L.logp = reinterpret_cast<float*>(logp_ptr);
+  L.bad = reinterpret_cast<int32_t*>(bad_ptr);
+  L.stats = reinterpret_cast<int64_t*>(stats_ptr);
+  L.hist_len = hist_len;
+  L.stream = stream;
+  const char* err = rankops::cuda::token_stats(L);
+  if (err[0] != '\0') throw std::runtime_error(std::string("rankops CUDA kernel: ") + err);
+}
+#endif
+
 std::vector<std::string> compiled_isas() {
   int n = 0;
   const char* const* names = rankops::cpu::compiled_isas(&n);
@@ -114,5 +159,11 @@ PYBIND11_MODULE(_C, m) {
     if (!rankops::cpu::set_isa(name.c_str()))
       throw py::value_error("instruction set '" + name + "' is not compiled in or not supported by this CPU");
   }, "Force an instruction set ('auto' restores the widest supported); for tests and benchmarks");
+#ifdef RANKOPS_WITH_CUDA
+  m.def("cuda_token_stats", &cuda_token_stats, "Enqueue the CUDA token-stats kernels on a stream");
+  m.def("cuda_workspace_bytes", &rankops::cuda::workspace_bytes);
+  m.attr("has_cuda") = true;
+#else
   m.attr("has_cuda") = false;
+#endif
 }

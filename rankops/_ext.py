@@ -74,3 +74,42 @@ def cpu_accumulate(logits, targets, ignore_index, n_cols, stats, check_finite):
     if bad_target_row >= 0:
         raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
     return nonfinite_row, bad_logp_row, n_kept, n_tied
+
+
+def cuda_slice_cols(n_rows: int, n_cols: int) -> int:
+    """Columns per CUDA block: 16384, halved (down to 2048) while there would be fewer than
+    1024 blocks, so few-row inputs still fill the GPU. A function of the shape alone, so a
+    given input always gets the same slices, and so the same bits."""
+    slice_cols = 16384
+    while slice_cols > 2048 and n_rows * -(-n_cols // slice_cols) < 1024:
+        slice_cols //= 2
+    return slice_cols
+
+
+def cuda_token_stats(logits, targets, ignore_index, n_cols, stats=None):
+    """logits [N, V] CUDA, any strides; targets [N] int64 contiguous. Enqueued on the current
+    stream, no sync. With stats ([6, V] int64), also accumulates. Returns rank, ties, logp, bad."""
+    C = require()
+    if not has_cuda_kernel():
+        raise RuntimeError("rankops was built without its CUDA kernels")
+    n_rows = logits.shape[0]
+    device = logits.device
+    slice_cols = cuda_slice_cols(n_rows, n_cols)
+    n_slices = -(-n_cols // slice_cols)
+    workspace = torch.empty(C.cuda_workspace_bytes(n_rows, n_slices), dtype=torch.uint8, device=device)
+    rank = torch.empty(n_rows, dtype=torch.int64, device=device)
+    ties = torch.empty_like(rank)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
+    bad = torch.empty(n_rows, dtype=torch.int32, device=device)
+    C.cuda_token_stats(
+        logits.data_ptr(), DTYPE_CODES[logits.dtype], n_rows, n_cols, logits.stride(0),
+        logits.stride(1), targets.data_ptr(), ignore_index, slice_cols, workspace.data_ptr(),
+        workspace.numel(), rank.data_ptr(), ties.data_ptr(), logp.data_ptr(), bad.data_ptr(),
+        0 if stats is None else stats.data_ptr(), 0 if stats is None else stats.shape[1],
+        torch.cuda.current_stream(device).cuda_stream,
+    )
+    return rank, ties, logp, bad
+
+
+def cuda_accumulate(logits, targets, ignore_index, n_cols, stats):
+    return cuda_token_stats(logits, targets, ignore_index, n_cols, stats)

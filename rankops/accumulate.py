@@ -10,14 +10,12 @@ from typing import Optional
 
 import torch
 
-from rankops import _ext
 from rankops.decompose import TIE_MODES, Decomposition, decompose_counts
-from rankops.ops.token_stats import (check_inputs, check_sync_options, first_flagged_row, kernel_view,
+from rankops.ops.token_stats import (LOGP_LIMIT, accumulate_op, check_inputs, check_sync_options,
                                      nonfinite_error, resolve_backend, token_stats)
 
 STATE_FORMAT = 1
 LOGP_SCALE = 2.0 ** 40
-LOGP_LIMIT = 2.0 ** 23      # |logp| * 2^40 must fit an int64
 LOW_MASK = (1 << 32) - 1
 
 # Rows of the state tensor [6, vocab_size]; csrc/cpu/token_stats.h (StatRow) has the same order.
@@ -129,50 +127,29 @@ class RankAccumulator:
         check_inputs(logits, targets, ignore_index, self.vocab_size, validate)
         self._adopt_device(logits.device, "logits")
         backend = resolve_backend(backend, logits)
-        if backend == "cpu":
-            view = kernel_view(logits)
-            targets64 = targets.to(torch.int64).contiguous().view(view.shape[:-1])
-            nonfinite_row, bad_logp_row, _, n_tied = _ext.cpu_accumulate(
-                view, targets64, ignore_index, self.vocab_size, self.stats, check_finite)
-            if check_finite and nonfinite_row >= 0:
-                raise nonfinite_error(nonfinite_row, targets.shape)
-            if bad_logp_row >= 0:
-                raise _bad_logp_error(bad_logp_row, targets.shape)
-            self.n_tied += n_tied
-        elif backend in ("triton", "cuda"):
-            self._update_gpu(backend, logits, targets, ignore_index, check_finite, validate)
-        else:
+        if backend == "torch":
             stats = token_stats(logits, targets, ignore_index=ignore_index,
                                 vocab_size=self.vocab_size, backend=backend,
                                 check_finite=check_finite)
             self.update_stats(stats.rank, stats.logp, ties=stats.ties)
-
-    def _update_gpu(self, backend, logits, targets, ignore_index, check_finite, validate):
-        """The fused kernels add each token to the histograms with integer atomics. When
-        validating, they write to a scratch copy that is merged only once the checks pass."""
-        flat = logits.reshape(-1, logits.shape[-1])
-        flat_targets = targets.to(torch.int64).reshape(-1).contiguous()
-        target_stats = torch.zeros_like(self.stats) if validate else self.stats
-        if backend == "triton":
-            from rankops.ops import token_stats_triton
-            rank, ties, logp, bad = token_stats_triton.accumulate(
-                flat, flat_targets, ignore_index, self.vocab_size, target_stats)
-        else:
-            rank, ties, logp, bad = _ext.cuda_accumulate(
-                flat, flat_targets, ignore_index, self.vocab_size, target_stats)
-        kept = rank >= 0
-        unaccumulable = kept & ~(logp.abs() < LOGP_LIMIT)  # the kernel left these out
+            return
+        targets64 = targets.to(torch.int64).contiguous()
+        # The GPU kernels add as they go; when validating they add to a scratch copy that is
+        # merged only once the checks pass. The CPU kernel adds only on success by itself.
+        scratch = backend != "cpu" and validate
+        target_stats = torch.zeros_like(self.stats) if scratch else self.stats
+        info = accumulate_op(logits, targets64, ignore_index, self.vocab_size, backend,
+                             target_stats, check_finite)
         if validate:
-            row = first_flagged_row(kept & (bad != 0)) if check_finite else None
-            if row is not None:
-                raise nonfinite_error(row, targets.shape)
-            row = first_flagged_row(unaccumulable)
-            if row is not None:
-                raise _bad_logp_error(row, targets.shape)
+            nonfinite_row, bad_logp_row = int(info[0]), int(info[1])  # the one sync
+            if check_finite and nonfinite_row >= 0:
+                raise nonfinite_error(nonfinite_row, targets.shape)
+            if bad_logp_row >= 0:
+                raise _bad_logp_error(bad_logp_row, targets.shape)
+        if scratch:
             self.stats += target_stats
-        else:
-            self.n_skipped += unaccumulable.sum()
-        self.n_tied += (kept & (ties > 0) & ~unaccumulable).sum()
+        self.n_tied += info[2].to(self.device)
+        self.n_skipped += info[3].to(self.device)
         normalize_carry(self.stats)
 
     def update_stats(self, rank: torch.Tensor, logp: torch.Tensor,

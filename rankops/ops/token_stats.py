@@ -149,12 +149,6 @@ def kernel_view(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def first_flagged_row(flags: torch.Tensor) -> Optional[int]:
-    """Index of the first nonzero entry of a per-row flag tensor, or None (syncs on a GPU)."""
-    idx = torch.nonzero(flags.reshape(-1))
-    return int(idx[0, 0]) if idx.numel() else None
-
-
 def check_sync_options(check_finite, validate):
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
@@ -165,29 +159,88 @@ def check_sync_options(check_finite, validate):
                          "synchronises); pass check_finite=False as well for sync-free use")
 
 
-def _run_cpu(logits, targets, ignore_index, n_cols):
-    view = kernel_view(logits)
-    rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
-                                                     ignore_index, n_cols)
-    return rank, ties, logp, (None if bad_row < 0 else bad_row)
+def first_flagged_row_tensor(bad: torch.Tensor) -> torch.Tensor:
+    """0-d int64 on bad's device: the first row with a nonzero flag, or -1. No host sync."""
+    n = bad.numel()
+    rows = torch.arange(n, device=bad.device)
+    first = torch.where(bad.reshape(-1) != 0, rows, n).min() if n else torch.tensor(n, device=bad.device)
+    return torch.where(first == n, -1, first)
+
+
+def _kernel_token_stats(logits, targets, ignore_index, n_cols, backend):
+    """Runs a compiled backend: (rank, ties, logp, first non-finite kept row as a 0-d tensor)."""
+    if backend == "cpu":
+        view = kernel_view(logits)
+        rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
+                                                         ignore_index, n_cols)
+        return rank, ties, logp, torch.tensor(bad_row, dtype=torch.int64)
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
+    if backend == "triton":
+        from rankops.ops import token_stats_triton
+        rank, ties, logp, bad = token_stats_triton.token_stats(flat, flat_targets, ignore_index, n_cols)
+    else:
+        rank, ties, logp, bad = _ext.cuda_token_stats(flat, flat_targets, ignore_index, n_cols)
+    return rank, ties, logp, first_flagged_row_tensor(bad)
+
+
+# Registered with torch.library so torch.compile traces through the kernels (and, on a GPU,
+# CUDA graphs capture them): the op is opaque to the compiler, its fake version gives shapes.
+@torch.library.custom_op("rankops::token_stats", mutates_args=())
+def token_stats_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rank, ties, logp, first_bad = _kernel_token_stats(logits, targets, ignore_index, n_cols, backend)
+    return rank.view(targets.shape), ties.view(targets.shape), logp.view(targets.shape), first_bad
+
+
+@token_stats_op.register_fake
+def _(logits, targets, ignore_index, n_cols, backend):
+    shape, dev = targets.shape, logits.device
+    return (torch.empty(shape, dtype=torch.int64, device=dev), torch.empty(shape, dtype=torch.int64, device=dev),
+            torch.empty(shape, dtype=torch.float32, device=dev), torch.empty((), dtype=torch.int64, device=dev))
+
+
+LOGP_LIMIT = 2.0 ** 23  # |logp| * 2^40 must fit an int64 (the accumulator's fixed point)
+
+
+@torch.library.custom_op("rankops::accumulate_", mutates_args=("stats",))
+def accumulate_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
+                  backend: str, stats: torch.Tensor, check_finite: bool) -> torch.Tensor:
+    """Adds tokens into the accumulator's int64 stats [6, V] with a compiled backend.
+
+    Returns int64 [4] on stats' device: first kept row with a non-finite logit (-1 if none),
+    first kept row whose logp cannot be accumulated (-1), tokens with ties added, tokens left
+    out. cpu adds nothing if either row is found (the first only with check_finite); the GPU
+    kernels add every kept token with a finite logp, and leave the rest out."""
+    if backend == "cpu":
+        view = kernel_view(logits)
+        nonfinite_row, bad_logp_row, _, n_tied = _ext.cpu_accumulate(
+            view, targets.view(view.shape[:-1]), ignore_index, n_cols, stats, check_finite)
+        return torch.tensor([nonfinite_row, bad_logp_row, n_tied, 0], dtype=torch.int64)
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
+    if backend == "triton":
+        from rankops.ops import token_stats_triton
+        rank, ties, logp, bad = token_stats_triton.accumulate(flat, flat_targets, ignore_index, n_cols, stats)
+    else:
+        rank, ties, logp, bad = _ext.cuda_accumulate(flat, flat_targets, ignore_index, n_cols, stats)
+    kept = rank >= 0
+    left_out = kept & ~(logp.abs() < LOGP_LIMIT)  # the kernels skip these (NaN included)
+    return torch.stack([first_flagged_row_tensor(kept & (bad != 0)), first_flagged_row_tensor(left_out),
+                        (kept & (ties > 0) & ~left_out).sum(), left_out.sum()])
+
+
+@accumulate_op.register_fake
+def _(logits, targets, ignore_index, n_cols, backend, stats, check_finite):
+    return torch.empty(4, dtype=torch.int64, device=stats.device)
 
 
 def _run_torch(logits, targets, ignore_index, n_cols, check_finite):
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
-    bad_row = reference.has_nonfinite_row(flat, flat_targets, ignore_index, n_cols) if check_finite else None
-    if bad_row is not None:
-        return None, None, None, bad_row
-    return (*reference.token_stats(flat, flat_targets, ignore_index, n_cols), None)
-
-
-def _run_gpu(backend, logits, targets, ignore_index, n_cols, check_finite):
-    flat = logits.reshape(-1, logits.shape[-1])  # a view whenever the rows can be flattened
-    if backend == "triton":
-        from rankops.ops import token_stats_triton
-        rank, ties, logp, bad = token_stats_triton.token_stats(flat, targets.view(-1), ignore_index, n_cols)
-    else:
-        rank, ties, logp, bad = _ext.cuda_token_stats(flat, targets.view(-1), ignore_index, n_cols)
-    return rank, ties, logp, (first_flagged_row(bad) if check_finite else None)
+    if check_finite:
+        bad_row = reference.has_nonfinite_row(flat, flat_targets, ignore_index, n_cols)
+        if bad_row is not None:
+            raise nonfinite_error(bad_row, targets.shape)
+    rank, ties, logp = reference.token_stats(flat, flat_targets, ignore_index, n_cols)
+    return TokenStats(rank.view(targets.shape), ties.view(targets.shape), logp.view(targets.shape))
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -218,13 +271,11 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: in
     n_cols = check_inputs(logits, targets, ignore_index, vocab_size, validate)
     backend = resolve_backend(backend, logits)
     targets = targets.to(torch.int64).contiguous()
-    if backend == "cpu":
-        rank, ties, logp, bad_row = _run_cpu(logits, targets, ignore_index, n_cols)
-    elif backend == "torch":
-        rank, ties, logp, bad_row = _run_torch(logits, targets, ignore_index, n_cols, check_finite)
-    else:
-        rank, ties, logp, bad_row = _run_gpu(backend, logits, targets, ignore_index, n_cols, check_finite)
-    if check_finite and bad_row is not None:
-        raise nonfinite_error(bad_row, targets.shape)
-    shape = targets.shape
-    return TokenStats(rank.view(shape), ties.view(shape), logp.view(shape))
+    if backend == "torch":
+        return _run_torch(logits, targets, ignore_index, n_cols, check_finite)
+    rank, ties, logp, first_bad = token_stats_op(logits, targets, ignore_index, n_cols, backend)
+    if check_finite:
+        bad_row = int(first_bad)  # the one sync (a GPU's validation)
+        if bad_row >= 0:
+            raise nonfinite_error(bad_row, targets.shape)
+    return TokenStats(rank, ties, logp)
