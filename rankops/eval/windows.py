@@ -1,0 +1,124 @@
+"""The evaluation protocol: which documents, how they are tokenised and cut into windows.
+
+The paper's protocol is the default: shuffle the documents with seed 42 and take the first
+1000; tokenise each document alone with the model's tokenizer (no special tokens), prepending
+the tokenizer's BOS token where it has one; cut it into disjoint windows of the model's context
+length. Every token but a window's first is scored, given the window before it. With a stride,
+windows of the context length start every `stride` tokens instead and each scores only the
+tokens the previous window did not (the first scores all): more context per prediction, more
+compute. Batches are right-padded; padded positions are ignored (label -100).
+"""
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Protocol:
+    n_documents: int = 1000          # after shuffling; None-like 0 would be an error
+    seed: int = 42
+    context_length: Optional[int] = None   # None: the model's
+    stride: Optional[int] = None     # None: disjoint windows
+    add_bos: bool = True             # prepend BOS to each document, if the tokenizer has one
+    max_tokens: Optional[int] = None  # budget of scored tokens; None: everything selected
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for name in ("n_documents", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.stride is not None and not (1 <= self.stride <= (self.context_length or self.stride)):
+            raise ValueError(f"stride must be in [1, context_length], got {self.stride}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Window:
+    tokens: tuple       # the input tokens
+    first_scored: int   # labels (next tokens) are scored from this input position on
+    n_scored: int       # how many labels are scored
+
+
+@dataclass
+class Plan:
+    windows: List[Window]
+    n_documents: int            # selected
+    n_documents_skipped: int    # shorter than two tokens
+    n_scored_tokens: int
+
+    def fingerprint(self) -> str:
+        """Identifies the exact token stream, so a resumed run can check it is the same."""
+        h = hashlib.sha256()
+        for w in self.windows:
+            h.update(json.dumps([w.first_scored, w.n_scored, list(w.tokens)]).encode())
+        return h.hexdigest()
+
+
+def select_documents(documents: Sequence[str], n_documents: int, seed: int) -> List[str]:
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    return [documents[i] for i in order[:n_documents]]
+
+
+def plan_windows(documents: Sequence[str], tokenizer, protocol: Protocol, context_length: int) -> Plan:
+    selected = select_documents(documents, protocol.n_documents, protocol.seed)
+    bos = tokenizer.bos_token_id if protocol.add_bos else None
+    stride = protocol.stride or context_length
+    windows, skipped, budget = [], 0, protocol.max_tokens
+    n_scored_total = 0
+    for text in selected:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if bos is not None:
+            ids = [bos] + ids
+        if len(ids) < 2:
+            skipped += 1
+            continue
+        start = 0
+        while True:
+            window = ids[start:start + context_length]
+            # The first window scores all its labels; later ones only those past the previous
+            # window's end (for disjoint windows that is all of them).
+            first = 0 if start == 0 else max(0, context_length - stride - 1)
+            n_scored = len(window) - 1 - first
+            if budget is not None:
+                n_scored = min(n_scored, budget - n_scored_total)
+            if n_scored > 0:
+                windows.append(Window(tuple(window), first, n_scored))
+                n_scored_total += n_scored
+            if budget is not None and n_scored_total >= budget:
+                return Plan(windows, len(selected), skipped, n_scored_total)
+            if start + context_length >= len(ids):
+                break
+            start += stride if protocol.stride else context_length - 1
+    if not windows:
+        raise ValueError(f"no document has two or more tokens ({skipped} of {len(selected)} "
+                         "selected documents are shorter): nothing to score")
+    return Plan(windows, len(selected), skipped, n_scored_total)
+
+
+def collate(windows: Sequence[Window], pad_id: int):
+    """input_ids, attention_mask and labels [B, T] (labels already shifted: labels[:, i] is
+    the token after input_ids[:, i]), right-padded; unscored positions hold -100."""
+    width = max(len(w.tokens) for w in windows)
+    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
+    labels = torch.full((len(windows), width), IGNORE, dtype=torch.long)
+    for b, w in enumerate(windows):
+        n = len(w.tokens)
+        input_ids[b, :n] = torch.tensor(w.tokens)
+        attention_mask[b, :n] = 1
+        labels[b, w.first_scored:w.first_scored + w.n_scored] = \
+            torch.tensor(w.tokens[w.first_scored + 1:w.first_scored + 1 + w.n_scored])
+    return input_ids, attention_mask, labels

