@@ -76,6 +76,11 @@ def cmd_eval(args) -> int:
             return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        print(f"rankops eval: error: --device {device} is not usable here: {exc}", file=sys.stderr)
+        return 2
+    try:
         protocol = Protocol(n_documents=args.n_documents, seed=args.seed, context_length=args.context_length,
                             stride=args.stride, add_bos=not args.no_bos, max_tokens=args.max_tokens,
                             batch_size=args.batch_size)

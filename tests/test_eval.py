@@ -182,6 +182,7 @@ def test_bad_inputs_exit_cleanly(model_dir, tokenizer, tmp_path):
         "empty": ["--model", str(model_dir), "--corpus", str(tmp_path / "empty.txt")] + out,
         "two or more tokens": ["--model", str(model_dir), "--corpus", str(short), "--no-bos"] + out,
         "cannot write": ["--model", str(model_dir), "--corpus", str(short), "--output-path", str(blocker / "x")],
+        "is not usable here": ["--model", str(model_dir), "--corpus", str(short), "--device", "nosuchdevice"] + out,
     }
     for message, args in cases.items():
         r = cli("eval", *args, "--no-progress")
@@ -230,3 +231,50 @@ def test_real_smollm2(tmp_path):
     assert 0.5 < d["cross_entropy"] < 6.0
     assert abs(d["cross_entropy"] - (d["error_entropy"] + d["self_alignment"] - d["confidence"])) < 1e-9
     assert d["top1_accuracy"] > 0.2
+
+
+def test_checkpoint_series_in_one_command(tokenizer, tmp_path):
+    # Training dynamics: several checkpoints, each recorded with its step.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, d in enumerate(make_documents(10, 3)):
+        (docs / f"{i}.txt").write_text(d)
+    paths = []
+    for step in (100, 2000):
+        torch.manual_seed(step)
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer)))
+        path = tmp_path / "run" / f"checkpoint-{step}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    r = cli("eval", "--model", paths[0], "--model", paths[1], "--corpus", str(docs), "--context-length", "16",
+            "--no-progress", "--output-path", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    steps = sorted(json.loads(p.read_text())["model"]["step"] for p in (tmp_path / "out").glob("*/*/results.json"))
+    assert steps == [100, 2000]
+    assert "| checkpoint-100 | 100 |" in r.stdout and "| checkpoint-2000 | 2000 |" in r.stdout
+
+
+def test_any_callable_returning_logits(tokenizer, corpus):
+    # The Python API takes a bare function: here a bigram table, whose decomposition is known
+    # exactly from the same table.
+    from rankops.eval.models import wrap_model
+    V = len(tokenizer)
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(5))
+    lm = wrap_model(lambda input_ids, attention_mask: table[input_ids], tokenizer, name="bigram",
+                    context_length=32)
+    results = evaluate(lm, corpus, Protocol(context_length=32), progress=False)
+    plan = plan_windows(corpus.documents, tokenizer, Protocol(context_length=32), 32)
+    prev = torch.tensor([t for w in plan.windows for t in w.tokens[:-1]])
+    nxt = torch.tensor([t for w in plan.windows for t in w.tokens[1:]])
+    s = rankops.token_stats(table[prev].double(), nxt, backend="torch")
+    want = rankops.decompose(s.rank, s.logp)
+    assert results["decomposition"]["n_tokens"] == want.n_tokens
+    assert results["decomposition"]["cross_entropy"] == pytest.approx(want.cross_entropy, abs=1e-5)
+
+
+def test_unreachable_hub_model_fails_cleanly(tmp_path):
+    r = cli("eval", "--model", "no-such-owner/no-such-model", "--corpus", "cpython-stdlib",
+            "--no-progress", "--output-path", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert "cannot load 'no-such-owner/no-such-model' from the hub" in r.stderr
