@@ -110,6 +110,3 @@ def cuda_token_stats(logits, targets, ignore_index, n_cols, stats=None):
     )
     return rank, ties, logp, bad
 
-
-def cuda_accumulate(logits, targets, ignore_index, n_cols, stats):
-    return cuda_token_stats(logits, targets, ignore_index, n_cols, stats)

@@ -174,13 +174,18 @@ def _kernel_token_stats(logits, targets, ignore_index, n_cols, backend):
         rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
                                                          ignore_index, n_cols)
         return rank, ties, logp, torch.tensor(bad_row, dtype=torch.int64)
+    rank, ties, logp, bad = _gpu_launch(backend, logits, targets, ignore_index, n_cols)
+    return rank, ties, logp, first_flagged_row_tensor(bad)
+
+
+def _gpu_launch(backend, logits, targets, ignore_index, n_cols, stats=None):
+    """The Triton or CUDA kernels on [N, V] rows (a view whenever the rows can be flattened);
+    with stats, they also accumulate. Returns per-row rank, ties, logp and non-finite flags."""
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
     if backend == "triton":
         from rankops.ops import token_stats_triton
-        rank, ties, logp, bad = token_stats_triton.token_stats(flat, flat_targets, ignore_index, n_cols)
-    else:
-        rank, ties, logp, bad = _ext.cuda_token_stats(flat, flat_targets, ignore_index, n_cols)
-    return rank, ties, logp, first_flagged_row_tensor(bad)
+        return token_stats_triton.launch(flat, flat_targets, ignore_index, n_cols, stats)
+    return _ext.cuda_token_stats(flat, flat_targets, ignore_index, n_cols, stats)
 
 
 # Registered with torch.library so torch.compile traces through the kernels (and, on a GPU,
@@ -216,12 +221,7 @@ def accumulate_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         nonfinite_row, bad_logp_row, _, n_tied = _ext.cpu_accumulate(
             view, targets.view(view.shape[:-1]), ignore_index, n_cols, stats, check_finite)
         return torch.tensor([nonfinite_row, bad_logp_row, n_tied, 0], dtype=torch.int64)
-    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
-    if backend == "triton":
-        from rankops.ops import token_stats_triton
-        rank, ties, logp, bad = token_stats_triton.accumulate(flat, flat_targets, ignore_index, n_cols, stats)
-    else:
-        rank, ties, logp, bad = _ext.cuda_accumulate(flat, flat_targets, ignore_index, n_cols, stats)
+    rank, ties, logp, bad = _gpu_launch(backend, logits, targets, ignore_index, n_cols, stats)
     kept = rank >= 0
     left_out = kept & ~(logp.abs() < LOGP_LIMIT)  # the kernels skip these (NaN included)
     return torch.stack([first_flagged_row_tensor(kept & (bad != 0)), first_flagged_row_tensor(left_out),

@@ -126,9 +126,11 @@ def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, igno
         tl.atomic_add(stats_ptr + 5 * hist_len + kp, lo, mask=ok)
 
 
-def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
-            stats=None):
-    """logits [N, V] (any strides), targets [N] int64 contiguous. Returns rank, ties, logp, bad."""
+def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
+           stats=None):
+    """logits [N, V] (any strides), targets [N] int64 contiguous; with stats ([6, V] int64, the
+    accumulator's layout) also adds every kept token with a finite logp to it. Returns per-row
+    rank, ties, logp and a non-finite flag."""
     n_rows = logits.shape[0]
     device = logits.device
     bf16_bits = logits.dtype == torch.bfloat16
@@ -156,16 +158,3 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_co
         rank, ties, logp, bad, stats if accumulate else rank, stats.shape[1] if accumulate else 0,
         ACCUMULATE=accumulate, BF16_BITS=bf16_bits, num_warps=1)
     return rank, ties, logp, bad
-
-
-def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int):
-    """Per-token rank, ties, logp and a per-row non-finite flag; logits [N, V], targets [N]."""
-    return _launch(logits, targets, ignore_index, n_cols)
-
-
-def accumulate(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
-               stats: torch.Tensor):
-    """Adds kept, finite tokens into stats [6, V] (int64, the accumulator's layout).
-
-    Returns (rank, ties, logp, bad) so the caller can check what was skipped."""
-    return _launch(logits, targets, ignore_index, n_cols, stats)
