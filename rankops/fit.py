@@ -385,7 +385,7 @@ def fit_saturating(x, y, *, name: str | None = None, n_starts: int = 24,
         raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
     x, y = _check_xy(x, y)
     n = x.size
-    _warn_few_points(n, 2, "fit_saturating")
+    _warn_few_points(n, 3, "fit_saturating")
     # Log residuals are scale-free: fit y / min(y), so E's bound is (1 - 1e-9) whatever y's units.
     scale = float(y.min())
     lx = np.log(x)

@@ -106,6 +106,8 @@ def test_eval_equals_plain_forward(model_dir, corpus, stride, tmp_path):
     assert got["error_entropy"] == pytest.approx(want.error_entropy, abs=1e-12)
     on_disk = json.loads(Path(results["path"]).read_text())
     assert on_disk["decomposition"] == got
+    assert on_disk["model"]["family"] == lm.model.config.model_type
+    assert on_disk["model"]["n_parameters"] == count_parameters(lm.model.config)
     acc = rankops.RankAccumulator(lm.vocab_size)
     acc.load_state_dict(torch.load(Path(results["path"]).with_name("accumulator.pt")))
     assert acc.n_tokens == want.n_tokens

@@ -36,6 +36,7 @@ class LoadedModel:
     context_length: int
     step: Optional[int] = None   # training step of a checkpoint, where known
     n_parameters: Optional[dict] = None  # {"total": ..., "non_embedding": ...}
+    family: Optional[str] = None  # the architecture (config.model_type), for grouping scaling fits
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -173,7 +174,8 @@ def wrap_model(model: Callable, tokenizer, *, name: str, source: str = "python",
         if not isinstance(context_length, int) or context_length > 1_000_000:
             raise ModelError(f"cannot tell the context length of {name}; pass context_length")
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, vocab_size=vocab_size,
-                       context_length=context_length, step=step, n_parameters=n_parameters)
+                       context_length=context_length, step=step, n_parameters=n_parameters,
+                       family=getattr(config, "model_type", None))
 
 
 def _display_name(spec: str, revision: Optional[str]) -> str:

@@ -170,7 +170,8 @@ def build_results(lm, corpus, protocol, plan, context_length, acc, timings, back
     return {
         "format": RESULTS_FORMAT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": lm.name, "source": lm.source, "step": lm.step, "vocab_size": lm.vocab_size,
+        "model": {"name": lm.name, "source": lm.source, "family": lm.family, "step": lm.step,
+                  "vocab_size": lm.vocab_size,
                   "context_length": lm.context_length, "n_parameters": lm.n_parameters},
         "corpus": {"name": corpus.name, "source": corpus.source, "kind": corpus.kind,
                    "license": corpus.license, "n_documents_available": len(corpus.documents)},
