@@ -4,6 +4,7 @@ The exact decomposition of corpus cross-entropy into Error-Entropy, Self-Alignme
 Confidence (Zhan et al., "What Scales in Cross-Entropy Scaling Law?", arXiv 2510.04067),
 with fused kernels for the per-token rank statistics it rests on.
 """
+from rankops import fit
 from rankops.accumulate import RankAccumulator
 from rankops.decompose import Decomposition, decompose, decompose_counts
 from rankops.ops.token_stats import TokenStats, available_backends, token_stats
@@ -17,5 +18,6 @@ __all__ = [
     "available_backends",
     "decompose",
     "decompose_counts",
+    "fit",
     "token_stats",
 ]

@@ -201,9 +201,9 @@ def fit_power_law(x, y, *, name: str | None = None, log_abs: bool = False) -> Po
 
     >>> import numpy as np
     >>> x = np.array([1e7, 1e8, 1e9, 1e10])
-    >>> fit = fit_power_law(x, -2.0 * x ** -0.05, name="Conf", log_abs=True)
+    >>> fit = fit_power_law(x, -2.0 * x ** -0.05, log_abs=True)  # e.g. Conf, negative
     >>> fit
-    PowerLawFit(Conf: |M| ~ 2.0e+00 * X^-0.050, alpha=0.050 ± 0.000, R^2=1.000, n=4, fitted on log|M|)
+    PowerLawFit(|M| ~ 2.0e+00 * X^-0.050, alpha=0.050 ± 0.000, R^2=1.000, n=4, fitted on log|M|)
     >>> float(fit.predict(1e10)) < 0
     True
     """
@@ -465,7 +465,7 @@ class BootstrapResult:
                  f"{self.n_degenerate} degenerate, {self.n_failed} failed, seed={self.seed})"]
         for p in self.samples:
             lo, hi = self.interval(p)
-            lines.append(f"  {p:<6} {self.estimate[p]: .4g}  [{lo:.4g}, {hi:.4g}]")
+            lines.append(f"  {p:<6} {self.estimate[p]:>11.4g}  [{lo:.4g}, {hi:.4g}]")
         return "\n".join(lines)
 
 
