@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint interval (default: %(default)s s)")
     e.add_argument("--no-progress", action="store_true")
 
+    f = sub.add_parser("fit", help="the paper's scaling tables from results files",
+                       description="Fits CE, EE, SA and Conf against non-embedding parameters per model "
+                       "family and corpus (and all families together), and prints R^2 and scaling "
+                       "differences as markdown.")
+    f.add_argument("results", nargs="+", help="results.json files or folders holding them")
+    f.add_argument("--output", metavar="STEM", help="also write STEM.md and STEM.json")
+
     sub.add_parser("corpora", help="list the built-in corpora, their licenses and how to install them")
     sub.add_parser("selfcheck", help="check the installation against the known-answer case")
     return p
@@ -112,6 +119,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from rankops.scaling import load_results, markdown, scaling_tables
+    try:
+        rows = scaling_tables(load_results(args.results))
+    except ValueError as exc:
+        print(f"rankops fit: error: {exc}", file=sys.stderr)
+        return 2
+    text = markdown(rows)
+    print(text)
+    if args.output:
+        from rankops.eval.run import write_atomic
+        from pathlib import Path
+        write_atomic(Path(args.output + ".md"), (text + "\n").encode())
+        write_atomic(Path(args.output + ".json"), (json.dumps(rows, indent=2) + "\n").encode())
+    return 0
+
+
 def cmd_corpora(args) -> int:
     from rankops.eval.corpora import builtin_corpora
     rows = builtin_corpora()
@@ -128,6 +152,8 @@ def main(argv=None) -> int:
         return cmd_eval(args)
     if args.command == "corpora":
         return cmd_corpora(args)
+    if args.command == "fit":
+        return cmd_fit(args)
     from rankops.__main__ import selfcheck
     return 0 if selfcheck() else 1
 

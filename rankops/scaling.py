@@ -1,0 +1,106 @@
+"""`rankops fit`: the paper's scaling tables from `rankops eval` results files.
+
+Each model contributes one point per corpus, its final checkpoint (largest step); X is its
+non-embedding parameter count. Within each group (one model family on one corpus, and all
+families together on that corpus) CE, EE, SA and Conf are fitted as log M = a + b log X
+(rankops.fit.fit_power_law). Conf can be negative, so it is fitted as log|Conf|, and the tables
+say so. Groups always stay within one corpus: fitting across corpora would mix distributions.
+"""
+import json
+import warnings
+from pathlib import Path
+from typing import Iterable, List
+
+from rankops.fit import RankopsFitWarning, fit_power_law, scaling_difference
+
+COMPONENTS = (("CE", "cross_entropy", False), ("EE", "error_entropy", False),
+              ("SA", "self_alignment", False), ("Conf", "confidence", True))
+
+
+def load_results(paths: Iterable[str]) -> List[dict]:
+    """Results dicts from files and folders (searched for results.json)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("results.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"results path {p} does not exist")
+    if not files:
+        raise ValueError("no results files found")
+    results = []
+    for f in files:
+        try:
+            r = json.loads(f.read_text())
+            r["decomposition"]["cross_entropy"], r["model"]["n_parameters"]["non_embedding"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{f} is not a rankops eval results file: {exc}") from exc
+        r["_path"] = str(f)
+        results.append(r)
+    return results
+
+
+def final_points(results: List[dict]) -> List[dict]:
+    """One result per (model source, corpus): the one with the largest step."""
+    best = {}
+    for r in results:
+        key = (r["model"]["source"], r["corpus"]["name"])
+        step = r["model"].get("step")
+        rank = -1 if step is None else step
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, r)
+    return [r for _, r in best.values()]
+
+
+def scaling_tables(results: List[dict]) -> List[dict]:
+    """One row per (group, corpus) with at least two distinct model sizes: R^2, alpha and the
+    scaling difference |alpha_M - alpha_CE| of each component."""
+    points = final_points(results)
+    groups = {}
+    for r in points:
+        corpus = r["corpus"]["name"]
+        groups.setdefault((r["model"].get("family") or "unknown", corpus), []).append(r)
+        groups.setdefault(("all", corpus), []).append(r)
+    rows = []
+    for (group, corpus), members in sorted(groups.items()):
+        x = [m["model"]["n_parameters"]["non_embedding"] for m in members]
+        if len(set(x)) < 2:
+            continue
+        if group == "all" and len({m["model"].get("family") for m in members}) == 1:
+            continue  # the same models as the single family's row
+        fits = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RankopsFitWarning)
+            for short, key, log_abs in COMPONENTS:
+                y = [m["decomposition"][key] for m in members]
+                fits[short] = fit_power_law(x, y, name=short, log_abs=log_abs)
+        rows.append({
+            "group": group, "corpus": corpus, "n_models": len(members),
+            "r_squared": {k: f.r_squared for k, f in fits.items()},
+            "alpha": {k: f.alpha for k, f in fits.items()},
+            "scaling_difference": {k: scaling_difference(f, fits["CE"]) for k, f in fits.items() if k != "CE"},
+            "warnings": sorted({str(w.message) for w in caught}),
+        })
+    if not rows:
+        raise ValueError("no group has two or more model sizes on one corpus: nothing to fit")
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    out = ["R^2 of log M = a + b log X (X: non-embedding parameters; Conf fitted as log|Conf|)", "",
+           "| group | corpus | models | CE | EE | SA | Conf |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = r["r_squared"]
+        out.append(f"| {r['group']} | {r['corpus']} | {r['n_models']} | {q['CE']:.3f} | {q['EE']:.3f} | "
+                   f"{q['SA']:.3f} | {q['Conf']:.3f} |")
+    out += ["", "Scaling difference |alpha_M - alpha_CE| (alpha_CE in the last column)", "",
+            "| group | corpus | EE | SA | Conf | alpha_CE |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["scaling_difference"]
+        out.append(f"| {r['group']} | {r['corpus']} | {d['EE']:.4f} | {d['SA']:.4f} | {d['Conf']:.4f} | "
+                   f"{r['alpha']['CE']:.4f} |")
+    notes = sorted({w for r in rows for w in r["warnings"]})
+    if notes:
+        out += [""] + [f"Note: {w}" for w in notes]
+    return "\n".join(out)

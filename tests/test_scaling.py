@@ -1,0 +1,90 @@
+"""`rankops fit`: the scaling tables from hand-made results files following known laws."""
+import json
+import math
+
+import pytest
+
+from rankops.cli import main
+from rankops.scaling import load_results, scaling_tables
+
+SIZES = [1e6, 3e6, 1e7, 3e7, 1e8]
+LAWS = {"EE": (9.0, 0.30), "SA": (0.8, 0.05)}  # coefficient, alpha
+
+
+def write_result(folder, name, family, corpus, x, step=None, ee_scale=1.0, conf=None):
+    ee = ee_scale * LAWS["EE"][0] * x ** -LAWS["EE"][1]
+    sa = LAWS["SA"][0] * x ** -LAWS["SA"][1]
+    conf = -0.5 * x ** -0.1 if conf is None else conf
+    result = {
+        "model": {"name": name, "source": f"/models/{name}", "family": family, "step": step,
+                  "n_parameters": {"total": int(2 * x), "non_embedding": int(x)}},
+        "corpus": {"name": corpus},
+        "decomposition": {"cross_entropy": ee + sa - conf, "error_entropy": ee, "self_alignment": sa,
+                          "confidence": conf},
+    }
+    path = folder / f"{name}-{corpus}-{step}" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_exact_laws_give_r2_one_and_known_alphas(tmp_path):
+    for i, x in enumerate(SIZES):
+        write_result(tmp_path, f"m{i}", "llama", "austen", x)
+    (row,) = scaling_tables(load_results([str(tmp_path)]))
+    assert (row["group"], row["corpus"], row["n_models"]) == ("llama", "austen", 5)
+    for k in ("EE", "SA", "Conf"):
+        assert row["r_squared"][k] == pytest.approx(1.0, abs=1e-12)
+    assert row["alpha"]["EE"] == pytest.approx(0.30, abs=1e-12)
+    assert row["alpha"]["SA"] == pytest.approx(0.05, abs=1e-12)
+    assert row["alpha"]["Conf"] == pytest.approx(0.10, abs=1e-12)  # fitted on log|Conf|
+    # CE is a sum of power laws, so it is not exactly one: its alpha is fitted independently here.
+    xs = [math.log(x) for x in SIZES]
+    ys = [math.log(9.0 * x ** -0.3 + 0.8 * x ** -0.05 + 0.5 * x ** -0.1) for x in SIZES]
+    mx, my = sum(xs) / 5, sum(ys) / 5
+    alpha_ce = -sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    assert row["alpha"]["CE"] == pytest.approx(alpha_ce, rel=1e-10)
+    assert row["scaling_difference"]["EE"] == pytest.approx(abs(0.30 - alpha_ce), rel=1e-10)
+
+
+def test_groups_by_family_and_corpus_and_final_checkpoint(tmp_path):
+    for i, x in enumerate(SIZES[:3]):
+        write_result(tmp_path, f"a{i}", "gpt2", "kjv", x)
+        write_result(tmp_path, f"b{i}", "gpt_neox", "kjv", x * 1.5)
+        write_result(tmp_path, f"a{i}", "gpt2", "code", x)
+        # an early checkpoint far off the law: only the final step may count
+        write_result(tmp_path, f"a{i}", "gpt2", "kjv", x, step=10, ee_scale=5.0)
+    rows = {(r["group"], r["corpus"]): r for r in scaling_tables(load_results([str(tmp_path)]))}
+    assert set(rows) == {("gpt2", "kjv"), ("gpt_neox", "kjv"), ("all", "kjv"), ("gpt2", "code")}
+    assert rows[("all", "kjv")]["n_models"] == 6
+    assert rows[("gpt2", "kjv")]["r_squared"]["EE"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cli_writes_tables(tmp_path, capsys):
+    for i, x in enumerate(SIZES):
+        write_result(tmp_path / "r", f"m{i}", "llama", "austen", x)
+    assert main(["fit", str(tmp_path / "r"), "--output", str(tmp_path / "tables")]) == 0
+    out = capsys.readouterr().out
+    assert "| llama | austen | 5 | " in out and "Scaling difference" in out
+    rows = json.loads((tmp_path / "tables.json").read_text())
+    assert rows[0]["alpha"]["EE"] == pytest.approx(0.30, abs=1e-12)
+    assert (tmp_path / "tables.md").read_text().strip() == out.strip()
+
+
+def test_bad_inputs(tmp_path, capsys):
+    write_result(tmp_path / "one", "m0", "llama", "austen", 1e6)
+    assert main(["fit", str(tmp_path / "one")]) == 2
+    assert "two or more model sizes" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["fit", str(tmp_path / "bad.json")]) == 2
+    assert "not a rankops eval results file" in capsys.readouterr().err
+    for i, x in enumerate(SIZES[:2]):
+        write_result(tmp_path / "neg", f"m{i}", "llama", "austen", x)
+    bad = tmp_path / "neg" / "m0-austen-None" / "results.json"
+    r = json.loads(bad.read_text())
+    r["decomposition"]["error_entropy"] = -1.0  # EE is an entropy: never negative
+    bad.write_text(json.dumps(r))
+    with pytest.raises(ValueError):
+        scaling_tables(load_results([str(tmp_path / "neg")]))
