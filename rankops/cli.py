@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("results", nargs="+", help="results.json files or folders holding them")
     f.add_argument("--output", metavar="STEM", help="also write STEM.md and STEM.json")
 
+    pl = sub.add_parser("plot", help="the paper's figures from results files (PNG and PDF)")
+    pl.add_argument("results", nargs="+", help="results.json files or folders holding them")
+    pl.add_argument("--output-dir", default="rankops_figures", help="(default: %(default)s)")
+
     sub.add_parser("corpora", help="list the built-in corpora, their licenses and how to install them")
     sub.add_parser("selfcheck", help="check the installation against the known-answer case")
     return p
@@ -136,6 +140,19 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from rankops.plot import plot_all
+    from rankops.scaling import load_results
+    try:
+        paths = plot_all(load_results(args.results), args.output_dir)
+    except ValueError as exc:
+        print(f"rankops plot: error: {exc}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
 def cmd_corpora(args) -> int:
     from rankops.eval.corpora import builtin_corpora
     rows = builtin_corpora()
@@ -154,6 +171,8 @@ def main(argv=None) -> int:
         return cmd_corpora(args)
     if args.command == "fit":
         return cmd_fit(args)
+    if args.command == "plot":
+        return cmd_plot(args)
     from rankops.__main__ import selfcheck
     return 0 if selfcheck() else 1
 

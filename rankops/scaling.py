@@ -41,11 +41,18 @@ def load_results(paths: Iterable[str]) -> List[dict]:
     return results
 
 
+def run_of(result: dict) -> str:
+    """The training run a result belongs to: checkpoints (results with a step) of one run sit
+    in one folder; a model without a step is a run of its own."""
+    source = result["model"]["source"]
+    return str(Path(source).parent) if result["model"].get("step") is not None else source
+
+
 def final_points(results: List[dict]) -> List[dict]:
-    """One result per (model source, corpus): the one with the largest step."""
+    """One result per (training run, corpus): the one with the largest step."""
     best = {}
     for r in results:
-        key = (r["model"]["source"], r["corpus"]["name"])
+        key = (run_of(r), r["corpus"]["name"])
         step = r["model"].get("step")
         rank = -1 if step is None else step
         if key not in best or rank > best[key][0]:

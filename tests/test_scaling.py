@@ -16,7 +16,8 @@ def write_result(folder, name, family, corpus, x, step=None, ee_scale=1.0, conf=
     sa = LAWS["SA"][0] * x ** -LAWS["SA"][1]
     conf = -0.5 * x ** -0.1 if conf is None else conf
     result = {
-        "model": {"name": name, "source": f"/models/{name}", "family": family, "step": step,
+        "model": {"name": name, "source": f"/models/{name}" + ("" if step is None else f"/step{step}"),
+                  "family": family, "step": step,
                   "n_parameters": {"total": int(2 * x), "non_embedding": int(x)}},
         "corpus": {"name": corpus},
         "decomposition": {"cross_entropy": ee + sa - conf, "error_entropy": ee, "self_alignment": sa,
@@ -52,11 +53,14 @@ def test_groups_by_family_and_corpus_and_final_checkpoint(tmp_path):
         write_result(tmp_path, f"a{i}", "gpt2", "kjv", x)
         write_result(tmp_path, f"b{i}", "gpt_neox", "kjv", x * 1.5)
         write_result(tmp_path, f"a{i}", "gpt2", "code", x)
-        # an early checkpoint far off the law: only the final step may count
-        write_result(tmp_path, f"a{i}", "gpt2", "kjv", x, step=10, ee_scale=5.0)
+        # a run's checkpoints: an early one far off the law, and the final one on it; only the
+        # final step may count, and the run counts once
+        write_result(tmp_path, f"c{i}", "gpt2", "kjv", x * 7, step=10, ee_scale=5.0)
+        write_result(tmp_path, f"c{i}", "gpt2", "kjv", x * 7, step=20)
     rows = {(r["group"], r["corpus"]): r for r in scaling_tables(load_results([str(tmp_path)]))}
     assert set(rows) == {("gpt2", "kjv"), ("gpt_neox", "kjv"), ("all", "kjv"), ("gpt2", "code")}
-    assert rows[("all", "kjv")]["n_models"] == 6
+    assert rows[("all", "kjv")]["n_models"] == 9
+    assert rows[("gpt2", "kjv")]["n_models"] == 6
     assert rows[("gpt2", "kjv")]["r_squared"]["EE"] == pytest.approx(1.0, abs=1e-12)
 
 
