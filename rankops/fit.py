@@ -115,8 +115,23 @@ def _fmt_pm(se: float) -> str:
 # The paper's fit: ordinary least squares in log-log space
 
 
+class _Refittable:
+    """What follows from a fit by refitting its points: bootstrap intervals and the
+    leave-largest-out extrapolation error. Subclasses say how to refit (_fitter)."""
+
+    def bootstrap(self, n_resamples: int = 1000, confidence: float = 0.95,
+                  seed: int = 0) -> "BootstrapResult":
+        """Percentile intervals for every parameter by resampling the points; see `bootstrap`."""
+        return bootstrap(self.x, self.y, self._fitter(), n_resamples=n_resamples,
+                         confidence=confidence, seed=seed)
+
+    def leave_largest_out(self) -> "LeaveLargestOut":
+        """Refit without the largest x and predict it; see `leave_largest_out`."""
+        return leave_largest_out(self.x, self.y, self._fitter())
+
+
 @dataclass(frozen=True, repr=False, eq=False)
-class PowerLawFit:
+class PowerLawFit(_Refittable):
     """log M = a + b log X by ordinary least squares (natural logs); alpha = -b.
 
     With log_abs=True the fit is of log|M|; ``sign`` is the common sign of y (+1 or -1, 0 when y
@@ -164,16 +179,6 @@ class PowerLawFit:
         """M at x (sign * |M| with log_abs; |M| when y changed sign)."""
         x = np.asarray(x, dtype=np.float64)
         return (self.sign or 1) * np.exp(self.a + self.b * np.log(x))
-
-    def bootstrap(self, n_resamples: int = 1000, confidence: float = 0.95,
-                  seed: int = 0) -> "BootstrapResult":
-        """Percentile intervals for a, b and alpha by resampling the points; see `bootstrap`."""
-        return bootstrap(self.x, self.y, self._fitter(), n_resamples=n_resamples,
-                         confidence=confidence, seed=seed)
-
-    def leave_largest_out(self) -> "LeaveLargestOut":
-        """Refit without the largest x and predict it; see `leave_largest_out`."""
-        return leave_largest_out(self.x, self.y, self._fitter())
 
     def _fitter(self):
         return functools.partial(fit_power_law, name=self.name, log_abs=self.log_abs)
@@ -268,7 +273,7 @@ def scaling_difference(fit_m: PowerLawFit, fit_ce: PowerLawFit) -> float:
 
 
 @dataclass(frozen=True, repr=False, eq=False)
-class SaturatingFit:
+class SaturatingFit(_Refittable):
     """M = E + A X^-alpha, minimising sum Huber_delta(log y - log(E + A X^-alpha)).
 
     E lies in [0, min(y)), A > 0, alpha > 0. loss is the minimised sum; converged is whether
@@ -309,16 +314,6 @@ class SaturatingFit:
         """E + A x^-alpha."""
         x = np.asarray(x, dtype=np.float64)
         return self.E + self.A * np.exp(-self.alpha * np.log(x))
-
-    def bootstrap(self, n_resamples: int = 1000, confidence: float = 0.95,
-                  seed: int = 0) -> "BootstrapResult":
-        """Percentile intervals for E, A and alpha by resampling the points; see `bootstrap`."""
-        return bootstrap(self.x, self.y, self._fitter(), n_resamples=n_resamples,
-                         confidence=confidence, seed=seed)
-
-    def leave_largest_out(self) -> "LeaveLargestOut":
-        """Refit without the largest x and predict it; see `leave_largest_out`."""
-        return leave_largest_out(self.x, self.y, self._fitter())
 
     def _fitter(self):
         return functools.partial(fit_saturating, name=self.name, n_starts=self.n_starts,
