@@ -7,7 +7,7 @@ checkpoint is evaluated with rankops on held-out KJV chapters and on Jane Austen
 (Debian's r-cran-janeaustenr); then `rankops fit` and `rankops plot` make the tables and
 figures. Everything is seeded; the results, tables and figures land in study/.
 
-    python study/mini_scaling.py            # about 20 minutes on 2 cores
+    python study/mini_scaling.py            # about 8 minutes on 2 cores
 """
 import argparse
 import json
@@ -105,7 +105,7 @@ def train_model(size, stream, tokenizer, steps, batch, checkpoints, out: Path, s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=20000)
     p.add_argument("--work", default=str(HERE / "work"), help="models (not committed)")
