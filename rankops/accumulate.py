@@ -12,7 +12,7 @@ import torch
 
 from rankops.decompose import TIE_MODES, Decomposition, decompose_counts
 from rankops.ops.token_stats import (LOGP_LIMIT, accumulate_op, check_inputs, check_sync_options,
-                                     nonfinite_error, resolve_backend, token_stats)
+                                     nonfinite_error, resolve_backend, row_position, token_stats)
 
 STATE_FORMAT = 1
 LOGP_SCALE = 2.0 ** 40
@@ -271,6 +271,6 @@ class RankAccumulator:
 
 
 def _bad_logp_error(row: int, shape) -> ValueError:
-    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(shape)))
+    pos = row_position(row, shape)
     return ValueError(f"logp of the token at position {pos} is non-finite or beyond -2^23 and "
                       f"cannot be accumulated (non-finite logits with check_finite=False?)")

@@ -160,7 +160,7 @@ def decompose_counts(count, sum_logp, *, ties: str = "strict") -> Decomposition:
     )
 
 
-def rank_histograms(rank, logp, n_bins=None):
+def rank_histograms(rank, logp):
     """Per-rank count (int64) and sum of logp (float64) from per-token arrays; rank -1 is dropped."""
     rank = _as_numpy(rank, "rank")
     logp = _as_numpy(logp, "logp")
@@ -178,9 +178,7 @@ def rank_histograms(rank, logp, n_bins=None):
     r, lp = rank[keep], logp[keep].astype(np.float64)
     if not np.isfinite(lp).all():
         raise ValueError("logp holds non-finite values for kept tokens")
-    n_bins = int(r.max()) + 1 if n_bins is None and r.size else (n_bins or 0)
-    return (np.bincount(r, minlength=n_bins).astype(np.int64),
-            np.bincount(r, weights=lp, minlength=n_bins))
+    return np.bincount(r).astype(np.int64), np.bincount(r, weights=lp)
 
 
 def decompose(rank, logp, *, ties: str = "strict") -> Decomposition:

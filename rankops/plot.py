@@ -8,6 +8,7 @@
 Each is written only when the results hold what it needs (a checkpoint series for the first
 three, two or more model sizes for the last two).
 """
+import functools
 from pathlib import Path
 from typing import Dict, List
 
@@ -49,11 +50,18 @@ def _series(results) -> Dict[tuple, list]:
     return {k: sorted(v, key=lambda r: r["model"]["step"]) for k, v in series.items() if len(v) >= 2}
 
 
-def _decomposition_of(result, ties="strict"):
-    state = torch.load(Path(result["_path"]).with_name("accumulator.pt"), weights_only=True)
+def _decomposition_of(result):
+    return _saved_decomposition(result["_path"])
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_decomposition(results_path: str):
+    """The decomposition from the accumulator saved beside a results file (read once per
+    plot_all call: two figures use the same steps)."""
+    state = torch.load(Path(results_path).with_name("accumulator.pt"), weights_only=True)
     acc = RankAccumulator(state["vocab_size"])
     acc.load_state_dict(state)
-    return acc.decompose(ties)
+    return acc.decompose()
 
 
 def components_vs_step(series, out_dir):
@@ -154,6 +162,7 @@ def plot_all(results: List[dict], out_dir: str) -> List[Path]:
     """Writes every figure the results support; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _saved_decomposition.cache_clear()  # accumulators are read once per call, never stale
     written = []
     series = _series(results)
     if series:

@@ -138,13 +138,11 @@ def main():
         print(f"{name}: {n} non-embedding parameters, trained and evaluated in "
               f"{time.monotonic() - t0:.0f} s", flush=True)
     results = load_results([str(results_dir)])
-    for r in results:  # keep the committed results small: per-rank arrays stay in accumulator.pt
-        r.pop("_path")
-    rows = scaling_tables(load_results([str(results_dir)]))
+    rows = scaling_tables(results)
     text = markdown(rows)
     write_atomic(HERE / "tables.md", (text + "\n").encode())
     write_atomic(HERE / "tables.json", (json.dumps(rows, indent=2) + "\n").encode())
-    plot_all(load_results([str(results_dir)]), str(HERE / "figures"))
+    plot_all(results, str(HERE / "figures"))
     print(text)
     print(f"done in {(time.monotonic() - started) / 60:.1f} min")
 

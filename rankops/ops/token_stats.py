@@ -136,8 +136,13 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     return backend
 
 
+def row_position(row: int, lead_shape) -> tuple:
+    """The index, in the targets' shape, of flat row `row`."""
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(lead_shape)))
+
+
 def nonfinite_error(row: int, lead_shape) -> ValueError:
-    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(lead_shape)))
+    pos = row_position(row, lead_shape)
     return ValueError(f"logits contain a non-finite value (NaN or +-inf) in the row at position "
                       f"{pos}; pass check_finite=False to compute with IEEE semantics anyway")
 
