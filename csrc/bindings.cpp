@@ -11,6 +11,7 @@
 
 #include "cpu/token_stats.h"
 #ifdef RANKOPS_WITH_CUDA
+#include "cuda/softmax_grad.cuh"
 #include "cuda/token_stats.cuh"
 #endif
 
@@ -94,6 +95,29 @@ py::tuple accumulate(uintptr_t logits_ptr, int dtype_code, const std::vector<int
                         r.n_tied);
 }
 
+// Writes the weighted cross-entropy gradient into grad [n_rows, grad_row_len] (contiguous, the
+// logits' dtype). Returns the first row with a target outside [0, n_cols), or -1.
+int64_t softmax_grad(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
+                     const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
+                     uintptr_t targets_ptr, int64_t ignore_index, uintptr_t lse_ptr,
+                     uintptr_t scale_ptr, uintptr_t grad_ptr, int64_t grad_row_len, int n_threads) {
+  rankops::SoftmaxGradArgs g;
+  g.in = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols, col_stride,
+                   targets_ptr, ignore_index, n_threads);
+  if (lse_ptr == 0 || scale_ptr == 0 || grad_ptr == 0) throw py::value_error("null tensor pointer");
+  if (grad_row_len < n_cols) throw py::value_error("grad_row_len must be >= n_cols");
+  g.lse = reinterpret_cast<const float*>(lse_ptr);
+  g.scale = reinterpret_cast<const float*>(scale_ptr);
+  g.grad = reinterpret_cast<void*>(grad_ptr);
+  g.grad_row_len = grad_row_len;
+  rankops::Status s;
+  {
+    py::gil_scoped_release release;
+    s = rankops::cpu::softmax_grad(g);
+  }
+  return s.bad_target_row;
+}
+
 #ifdef RANKOPS_WITH_CUDA
 // Enqueues the CUDA kernels on `stream`; every tensor is already on the device and allocated
 // by the caller (rankops/_ext.py), the workspace included, so nothing here allocates or syncs.
@@ -134,6 +158,35 @@ void cuda_token_stats(uintptr_t logits_ptr, int dtype_code, int64_t n_rows, int6
   const char* err = rankops::cuda::token_stats(L);
   if (err[0] != '\0') throw std::runtime_error(std::string("rankops CUDA kernel: ") + err);
 }
+
+// Enqueues the gradient kernel on `stream`: grad [n_rows, row_len] contiguous, the logits' dtype.
+// Out-of-range targets are not an error here (the kernel zeroes their rows, reading nothing).
+void cuda_softmax_grad(uintptr_t logits_ptr, int dtype_code, int64_t n_rows, int64_t row_len,
+                       int64_t n_cols, int64_t row_stride, int64_t col_stride,
+                       uintptr_t targets_ptr, int64_t ignore_index, uintptr_t lse_ptr,
+                       uintptr_t scale_ptr, uintptr_t grad_ptr, uintptr_t stream) {
+  if (dtype_code < 0 || dtype_code > 2) throw py::value_error("dtype_code must be 0, 1 or 2");
+  if (n_rows < 0 || n_cols < 1 || row_len < n_cols)
+    throw py::value_error("need n_rows >= 0 and 1 <= n_cols <= row_len");
+  if (!logits_ptr || !targets_ptr || !lse_ptr || !scale_ptr || !grad_ptr)
+    throw py::value_error("null tensor pointer");
+  rankops::cuda::SoftmaxGradLaunch L;
+  L.logits = reinterpret_cast<const void*>(logits_ptr);
+  L.dtype = dtype_code;
+  L.n_rows = n_rows;
+  L.row_len = row_len;
+  L.n_cols = n_cols;
+  L.row_stride = row_stride;
+  L.col_stride = col_stride;
+  L.targets = reinterpret_cast<const int64_t*>(targets_ptr);
+  L.ignore_index = ignore_index;
+  L.lse = reinterpret_cast<const float*>(lse_ptr);
+  L.scale = reinterpret_cast<const float*>(scale_ptr);
+  L.grad = reinterpret_cast<void*>(grad_ptr);
+  L.stream = stream;
+  const char* err = rankops::cuda::softmax_grad(L);
+  if (err[0] != '\0') throw std::runtime_error(std::string("rankops CUDA kernel: ") + err);
+}
 #endif
 
 std::vector<std::string> compiled_isas() {
@@ -151,6 +204,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("accumulate", &accumulate,
         "Per-rank accumulation into int64 stats [6, hist_len]; returns (first non-finite row, first bad "
         "target row, first bad logp row, n_kept, n_tied), -1 where none");
+  m.def("softmax_grad", &softmax_grad,
+        "Weighted cross-entropy gradient into a caller-allocated buffer; returns the first bad target row or -1");
   m.def("cpu_isa", []() { return std::string(rankops::cpu::active_isa()); },
         "The instruction set the CPU kernel runs with");
   m.def("cpu_compiled_isas", &compiled_isas, "Instruction sets compiled into this build, widest first");
@@ -162,6 +217,7 @@ PYBIND11_MODULE(_C, m) {
 #ifdef RANKOPS_WITH_CUDA
   m.def("cuda_token_stats", &cuda_token_stats, "Enqueue the CUDA token-stats kernels on a stream");
   m.def("cuda_workspace_bytes", &rankops::cuda::workspace_bytes);
+  m.def("cuda_softmax_grad", &cuda_softmax_grad, "Enqueue the CUDA softmax_grad kernel on a stream");
   m.attr("has_cuda") = true;
 #else
   m.attr("has_cuda") = false;

@@ -110,3 +110,37 @@ def cuda_token_stats(logits, targets, ignore_index, n_cols, stats=None):
     )
     return rank, ties, logp, bad
 
+
+def cpu_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):
+    """Writes scale * (softmax - onehot) into grad (contiguous [N, V], the logits' dtype).
+
+    logits [N, V] CPU, any strides; targets int64 [N] contiguous; lse, scale float32 [N]."""
+    C = require()
+    if not grad.is_contiguous() or grad.dtype != logits.dtype or grad.shape != logits.shape:
+        raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
+    lead_sizes, lead_strides, col_stride = _geometry(logits)
+    bad_target_row = C.softmax_grad(
+        logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
+        targets.data_ptr(), ignore_index, lse.data_ptr(), scale.data_ptr(), grad.data_ptr(),
+        logits.shape[-1], torch.get_num_threads(),
+    )
+    if bad_target_row >= 0:
+        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
+
+
+def cuda_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):
+    """Writes scale * (softmax - onehot) into grad (contiguous [N, V], the logits' dtype).
+
+    logits [N, V] CUDA, any strides; targets int64 [N] contiguous; lse, scale float32 [N]
+    contiguous. Enqueued on the current stream, no sync; an out-of-range target (unvalidated
+    input) gives its row zeros."""
+    C = require()
+    if not has_cuda_kernel():
+        raise RuntimeError("rankops was built without its CUDA kernels")
+    if not grad.is_contiguous() or grad.dtype != logits.dtype or grad.shape != logits.shape:
+        raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
+    C.cuda_softmax_grad(
+        logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1], n_cols,
+        logits.stride(0), logits.stride(1), targets.data_ptr(), ignore_index, lse.data_ptr(),
+        scale.data_ptr(), grad.data_ptr(), torch.cuda.current_stream(logits.device).cuda_stream,
+    )

@@ -11,22 +11,21 @@ namespace rankops {
 namespace cpu {
 namespace {
 
-using KernelFn = Status (*)(const TokenStatsArgs&);
-
 struct IsaEntry {
   const char* name;
-  KernelFn fn;
+  Status (*token_stats)(const TokenStatsArgs&);
+  Status (*softmax_grad)(const SoftmaxGradArgs&);
 };
 
 // Widest first.
 const IsaEntry kIsas[] = {
 #if defined(RANKOPS_HAVE_AVX512)
-    {"avx512", &avx512::token_stats},
+    {"avx512", &avx512::token_stats, &avx512::softmax_grad},
 #endif
 #if defined(RANKOPS_HAVE_AVX2)
-    {"avx2", &avx2::token_stats},
+    {"avx2", &avx2::token_stats, &avx2::softmax_grad},
 #endif
-    {"baseline", &baseline::token_stats},
+    {"baseline", &baseline::token_stats, &baseline::softmax_grad},
 };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -83,7 +82,9 @@ bool set_isa(const char* name) {
   return false;
 }
 
-Status token_stats(const TokenStatsArgs& args) { return kIsas[g_active.load()].fn(args); }
+Status token_stats(const TokenStatsArgs& args) { return kIsas[g_active.load()].token_stats(args); }
+
+Status softmax_grad(const SoftmaxGradArgs& args) { return kIsas[g_active.load()].softmax_grad(args); }
 
 namespace {
 inline void add_fixed(int64_t* hi, int64_t* lo, int64_t q) {

@@ -33,10 +33,24 @@ struct Status {
   int64_t bad_target_row = -1; // first row whose target is outside [0, n_cols) and not ignored
 };
 
+// The weighted cross-entropy gradient (csrc/cpu/softmax_grad_kernel.cpp):
+//   grad[r, v] = scale[r] * (exp(z[r, v] - lse[r]) - [v == t_r])  for v < n_cols,
+//   0 for n_cols <= v < grad_row_len and for rows whose target is ignore_index.
+// The logits' geometry, targets and ignore_index come from `in`; its rank/ties/logp are unused.
+struct SoftmaxGradArgs {
+  TokenStatsArgs in;
+  const float* lse = nullptr;    // [n_rows] logsumexp of each row's first n_cols logits
+  const float* scale = nullptr;  // [n_rows]
+  void* grad = nullptr;          // [n_rows, grad_row_len], contiguous, the logits' dtype
+  int64_t grad_row_len = 0;      // >= n_cols: the logits' full last dimension
+};
+
 namespace cpu {
-// One definition per instruction set, from csrc/cpu/token_stats_kernel.cpp.
+// One definition per instruction set, from csrc/cpu/token_stats_kernel.cpp and
+// csrc/cpu/softmax_grad_kernel.cpp.
 #define RANKOPS_DECLARE_ISA(isa) \
-  namespace isa { Status token_stats(const TokenStatsArgs& args); }
+  namespace isa { Status token_stats(const TokenStatsArgs& args); \
+                  Status softmax_grad(const SoftmaxGradArgs& args); }
 RANKOPS_DECLARE_ISA(baseline)
 RANKOPS_DECLARE_ISA(avx2)
 RANKOPS_DECLARE_ISA(avx512)
@@ -49,6 +63,7 @@ bool isa_supported(const char* name);
 bool set_isa(const char* name);  // "" or "auto" selects the widest supported
 
 Status token_stats(const TokenStatsArgs& args);
+Status softmax_grad(const SoftmaxGradArgs& args);
 
 // Exact fixed-point sums of logp: each token's logp is quantised to q = floor(logp * 2^40 + 1/2)
 // (exact for fp32 values of magnitude >= 2^-16) and added as two int64 words, hi = q >> 32 and

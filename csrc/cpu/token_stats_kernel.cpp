@@ -18,6 +18,7 @@
 #include <omp.h>
 
 #include "token_stats.h"
+#include "kernel_math.h"
 
 #ifndef RANKOPS_ISA
 #error "RANKOPS_ISA must name the instruction set this translation unit is built for"
@@ -32,57 +33,6 @@ constexpr int64_t kChunk = 2048;           // values per chunk: the rebase granu
 constexpr int64_t kSliceCols = 16384;      // a row is computed as slices of this many columns
 constexpr int64_t kMinParallelWork = 1 << 15;  // below this many logits, threads cost more than they save
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
-inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
-
-// bf16 is the top half of an fp32: the upcast is exact.
-inline float load_value(const uint16_t* p, std::true_type /*is_bf16*/) {
-  return bits_to_float(static_cast<uint32_t>(*p) << 16);
-}
-// fp16 -> fp32, exact, branch-free so it vectorises: shifting the 15 magnitude bits into an
-// fp32 bit pattern and multiplying by 2^112 rebias the exponent (15 -> 127) and normalises
-// subnormals in one step; inf/NaN (exponent all ones) get the fp32 all-ones exponent instead.
-inline float load_value(const uint16_t* p, std::false_type /*is_bf16*/) {
-  const uint32_t h = *p;
-  const uint32_t magnitude = (h & 0x7fffu) << 13;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const float scaled = bits_to_float(magnitude) * 0x1p112f;
-  const uint32_t special = magnitude | 0x7f800000u;
-  // A bitwise blend rather than a ternary, so that SSE2/AVX2 builds vectorise it too.
-  const uint32_t is_special = 0u - static_cast<uint32_t>((h & 0x7c00u) == 0x7c00u);
-  const uint32_t bits = (is_special & special) | (~is_special & float_to_bits(scaled));
-  return bits_to_float(bits | sign);
-}
-inline float load_value(const float* p, std::false_type) { return *p; }
-
-// exp(x) for x in [-87, 88] (x is a logit minus the row's reference value). Cody-Waite
-// reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 minimax polynomial for exp(r)
-// (Cephes' expf coefficients, about 1 ulp), then the 2^n scale built in the exponent bits.
-// Clamping below at -87 keeps 2^n a normal number: such terms are 38 orders of magnitude under
-// the reference term. NaN propagates (NaN < c is false), which the non-finite check relies on.
-// The clamp is a bitwise blend: written as a ternary, GCC (without -ffast-math) if-converts it
-// only for AVX-512 and leaves the SSE2/AVX2 loops scalar.
-inline float exp_bounded(float x) {
-  const uint32_t below = 0u - static_cast<uint32_t>(x < -87.0f);
-  x = bits_to_float((below & float_to_bits(-87.0f)) | (~below & float_to_bits(x)));
-  // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer, which lands in the low
-  // mantissa bits; subtracting it back gives that integer as a float.
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
-  const int32_t n_int = static_cast<int32_t>(float_to_bits(shifted)) - 0x4B400000;
-  float r = x - n * 0.693359375f;   // ln2 split in a short high part (exact product) ...
-  r = r - n * -2.12194440e-4f;      // ... and the remainder
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const float scale = bits_to_float(static_cast<uint32_t>(n_int + 127) << 23);
-  return y * scale;
-}
 
 // Statistics of one slice of a row. sum_exp is relative to ref: the slice's logsumexp is
 // ref + log(sum_exp). Slices merge associatively (log-add-exp for the sums, integer addition
@@ -215,17 +165,6 @@ template <typename T, typename IsBF16>
 Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end, float target) {
   return col_stride == 1 ? slice_stats<T, IsBF16, true>(row, 1, begin, end, target)
                          : slice_stats<T, IsBF16, false>(row, col_stride, begin, end, target);
-}
-
-inline int64_t row_offset(const TokenStatsArgs& a, int64_t row) {
-  if (a.n_lead == 1) return row * a.lead_strides[0];
-  int64_t off = 0;
-  for (int d = a.n_lead - 1; d >= 0; --d) {
-    const int64_t i = row % a.lead_sizes[d];
-    row /= a.lead_sizes[d];
-    off += i * a.lead_strides[d];
-  }
-  return off;
 }
 
 inline void write_row(const TokenStatsArgs& a, int64_t row, float target, const Partial& p) {
