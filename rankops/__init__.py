@@ -7,15 +7,19 @@ with fused kernels for the per-token rank statistics it rests on.
 from rankops import fit
 from rankops.accumulate import RankAccumulator
 from rankops.decompose import Decomposition, decompose, decompose_counts
+from rankops.loss import CompensatedCrossEntropy, RunningRankStats, compensated_cross_entropy
 from rankops.ops.token_stats import TokenStats, available_backends, token_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompensatedCrossEntropy",
     "Decomposition",
     "RankAccumulator",
+    "RunningRankStats",
     "TokenStats",
     "available_backends",
+    "compensated_cross_entropy",
     "decompose",
     "decompose_counts",
     "fit",

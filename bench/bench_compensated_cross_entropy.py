@@ -1,0 +1,191 @@
+"""Benchmark of rankops.compensated_cross_entropy, forward plus backward: check, then time.
+
+Each case (dtype, N, V) is first checked: the kernel backends' loss and gradient against the
+pure-torch backend, and at lam = 0 against F.cross_entropy. Then forward + backward of every
+candidate is timed, taking turns round by round (ratios hold on a shared machine; absolute
+times do not), and each candidate's peak memory beyond its inputs is measured: on a GPU with
+the allocator's peak counter, on the CPU as the peak resident memory of a fresh process that
+runs the candidate once (the gradient itself, N*V in the logits' dtype, is part of every
+candidate's peak and is reported next to it).
+
+Candidates (lam = 0.3 for rankops; the baselines compute plain cross-entropy):
+  rankops-<backend>  the fused kernels (cpu; cuda, triton on a GPU)
+  rankops-torch      the same loss written in torch (rankops' reference backend)
+  torch              F.cross_entropy on the logits as they are
+  torch-fp32         F.cross_entropy on logits.float(), as transformers' ForCausalLMLoss does
+  torch-compiled     F.cross_entropy under torch.compile (GPU only)
+  liger              Liger-Kernel's fused cross-entropy (GPU, if installed)
+
+    python bench/bench_compensated_cross_entropy.py
+    python bench/bench_compensated_cross_entropy.py --device cuda --json bench/results/compensated_cross_entropy_cuda.jsonl
+"""
+import argparse
+import json
+import multiprocessing as mp
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import rankops
+from bench_token_stats import DTYPES, _fmt, environment, time_interleaved
+
+LAM = 0.3
+DEFAULTS = {"cpu": ([2048], [50304, 128256]), "cuda": ([4096, 16384], [50304, 128256, 151936])}
+
+
+def make_case(n_rows, n_vocab, dtype, device, seed=0):
+    """Filled block by block, so no temporary larger than a block exists (the CPU memory
+    measurement reads the process's peak resident memory)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.empty(n_rows, n_vocab, dtype=dtype, device=device)
+    for start in range(0, n_rows, 256):
+        block = logits[start:start + 256]
+        block.copy_(torch.randn(block.shape, generator=g, device=device) * 3.0)
+    targets = torch.randint(0, n_vocab, (n_rows,), generator=g, device=device)
+    targets[::17] = -100
+    return logits, targets
+
+
+def candidates(device, backends):
+    """name -> fn(logits_leaf, targets) running forward and backward."""
+    sync_free = dict(check_finite=False, validate=False) if device == "cuda" else {}
+    fns = {}
+    for b in backends + ["torch"]:
+        fns[f"rankops-{b}"] = (lambda b: lambda x, t: rankops.compensated_cross_entropy(
+            x, t, LAM, backend=b, **sync_free).backward())(b)
+    fns["torch"] = lambda x, t: F.cross_entropy(x, t).backward()
+    fns["torch-fp32"] = lambda x, t: F.cross_entropy(x.float(), t).backward()
+    if device == "cuda":
+        compiled = torch.compile(F.cross_entropy)
+        fns["torch-compiled"] = lambda x, t: compiled(x, t).backward()
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+            fns["liger"] = lambda x, t: liger_cross_entropy(x, t).backward()
+        except ImportError:
+            pass
+    return fns
+
+
+def check(backends, logits, targets):
+    x = logits.detach().clone().requires_grad_(True)
+    rankops.compensated_cross_entropy(x, targets, LAM, backend="torch").backward()
+    want = x.grad
+    y = logits.detach().float().clone().requires_grad_(True)
+    F.cross_entropy(y, targets).backward()
+    for b in backends:
+        x = logits.detach().clone().requires_grad_(True)
+        rankops.compensated_cross_entropy(x, targets, LAM, backend=b).backward()
+        err = ((x.grad.double() - want.double()).abs().max() / want.double().abs().max()).item()
+        if err > 1e-2:
+            sys.exit(f"FAIL: backend {b}'s gradient differs from the torch backend's by {err:.3g} (relative)")
+        x = logits.detach().clone().requires_grad_(True)
+        rankops.compensated_cross_entropy(x, targets, 0.0, backend=b).backward()
+        err = ((x.grad.double() - y.grad.double()).abs().max() / y.grad.double().abs().max()).item()
+        if err > 1e-2:
+            sys.exit(f"FAIL: backend {b} at lam=0 differs from F.cross_entropy by {err:.3g} (relative)")
+
+
+def _rss_child(queue, name, n_rows, n_vocab, dtype_name, backends):
+    torch.set_num_threads(torch.get_num_threads())
+    logits, targets = make_case(n_rows, n_vocab, DTYPES[dtype_name], "cpu")
+    fn = candidates("cpu", backends)[name]
+    # One small call first: the first call into torch or the extension pays one-off costs
+    # (thread pools, lazy initialisation) that are not the candidate's memory.
+    small_logits, small_targets = make_case(8, 1000, DTYPES[dtype_name], "cpu")
+    fn(small_logits.requires_grad_(True), small_targets)
+    x = logits.requires_grad_(True)
+    before = _high_water_kib()
+    fn(x, targets)
+    queue.put((_high_water_kib() - before) / 1024)
+
+
+def _high_water_kib():
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which a
+    spawned child inherits from the forked parent across exec, it starts afresh in the child."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_extra_mb(device, name, fn, logits, targets, backends):
+    if device == "cuda":
+        x = logits.detach().clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(x, targets)
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    dtype_name = next(k for k, v in DTYPES.items() if v == logits.dtype)
+    proc = ctx.Process(target=_rss_child, args=(queue, name, logits.shape[0], logits.shape[1],
+                                                 dtype_name, backends))
+    proc.start()
+    proc.join()
+    return round(queue.get(timeout=5), 1) if proc.exitcode == 0 else None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--n", nargs="+", type=int, default=None)
+    p.add_argument("--v", nargs="+", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 7 CPU, 25 CUDA)")
+    p.add_argument("--json", metavar="PATH", help="append the rows as JSON lines to PATH")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    repeat = args.repeat or (25 if args.device == "cuda" else 7)
+    on_device = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}[args.device]
+    backends = [b for b in rankops.available_backends() if b in on_device]
+    env = environment(args.device)
+    print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"# fwd+bwd, lam={LAM}; grad_MB is the gradient's own size, part of every peak")
+    print(f"{'candidate':<16} {'dtype':<5} {'N':>6} {'V':>7} {'ms':>9} {'vs_torch':>8} {'vs_fp32':>8} "
+          f"{'vs_compiled':>11} {'vs_liger':>8} {'peak_MB':>8} {'grad_MB':>8}")
+    for dtype_name in args.dtypes:
+        for n_vocab in args.v or DEFAULTS[args.device][1]:
+            for n_rows in args.n or DEFAULTS[args.device][0]:
+                logits, targets = make_case(n_rows, n_vocab, DTYPES[dtype_name], args.device)
+                check(backends, logits, targets)
+                fns = candidates(args.device, backends)
+                leaves = {name: logits.detach().clone().requires_grad_(True) for name in fns}
+
+                def timed(name, fn):
+                    def call():
+                        leaves[name].grad = None
+                        fn(leaves[name], targets)
+                    return call
+
+                ms = time_interleaved({name: timed(name, fn) for name, fn in fns.items()}, repeat, args.device)
+                del leaves
+                grad_mb = round(logits.numel() * logits.element_size() / 2**20, 1)
+                rows = []
+                for name, fn in fns.items():
+                    row = dict(env, op="compensated_cross_entropy", candidate=name, device=args.device,
+                               dtype=dtype_name, N=n_rows, V=n_vocab, lam=LAM, ms=round(ms[name], 3),
+                               speedup_vs_torch=round(ms["torch"] / ms[name], 2),
+                               speedup_vs_torch_fp32=round(ms["torch-fp32"] / ms[name], 2),
+                               speedup_vs_compiled=round(ms["torch-compiled"] / ms[name], 2) if "torch-compiled" in ms else None,
+                               speedup_vs_liger=round(ms["liger"] / ms[name], 2) if "liger" in ms else None,
+                               peak_extra_mb=peak_extra_mb(args.device, name, fn, logits, targets, backends),
+                               grad_mb=grad_mb)
+                    rows.append(row)
+                    print(f"{name:<16} {dtype_name:<5} {n_rows:>6} {n_vocab:>7} {ms[name]:>9.2f} "
+                          f"{row['speedup_vs_torch']:>8g} {row['speedup_vs_torch_fp32']:>8g} "
+                          f"{_fmt(row['speedup_vs_compiled']):>11} {_fmt(row['speedup_vs_liger']):>8} "
+                          f"{_fmt(row['peak_extra_mb']):>8} {grad_mb:>8g}", flush=True)
+                if args.json:  # case by case, so an interrupted run keeps what it measured
+                    with open(args.json, "a") as f:
+                        for row in rows:
+                            f.write(json.dumps(row) + "\n")
+                del logits, targets, fns
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The compensated training loss of the paper (section 6.2): L = CE + lam * Conf.
+
+Over a batch of N kept tokens with ranks k_i and log-probabilities logp_i (DESIGN.md section 1),
+with n_k the tokens of rank k, P(k) = n_k / N, S(k) = exp(mean logp of rank k), Z = sum_k S(k)
+and Q(k) = S(k) / Z:
+
+    L = -(1/N) sum_i logp_i + lam * log Z
+
+Ranks are piecewise constant in the logits, so wherever they do not change (almost everywhere)
+
+    dL/dlogp_i = -w_i / N,   w_i = 1 - lam * Q(k_i) / P(k_i)
+
+and the gradient with respect to the logits is a per-token weighted cross-entropy gradient,
+(w_i / N) (softmax(z_i) - onehot(t_i)). The weights average 1 - lam and can be negative.
+
+Per token, L splits exactly as (1/N) sum_i l_i with
+
+    l_i = -logp_i + lam * (Q(k_i) / P(k_i)) * (logp_i - log Q(k_i)),
+
+because sum_i (Q/P)(k_i) logp_i = N (log Z - H(Q)) and sum_i (Q/P)(k_i) log Q(k_i) = -N H(Q).
+These l_i are what reduction="none" returns.
+
+The forward pass is one read of the logits by the fused token_stats kernel (rank, logp); the
+backward pass is one more read and the write of the gradient (rankops.ops.softmax_grad). The
+per-rank statistics are [V]-long float64 vectors built with scatter-adds: no host sync unless
+validation asks for one.
+"""
+from typing import Optional, Union
+
+import torch
+
+from rankops.ops import reference
+from rankops.ops.softmax_grad import softmax_grad
+from rankops.ops.token_stats import (check_inputs, check_sync_options, nonfinite_error,
+                                     resolve_backend, token_stats_op)
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class RunningRankStats:
+    """Running (exponentially decayed) per-rank statistics, for weights that look past one batch.
+
+    Holds count[k] and sum_logp[k] for k in [0, vocab_size) as float64 sums decayed by `decay`
+    per update: after a batch, count <- decay * count + n_k(batch), and likewise for the sums.
+    P(k) and Q(k) are read from these sums; the decay cancels in the per-rank means, so
+    the estimate needs no bias correction. Pass the same object to every training step
+    (and save it with state_dict() alongside the optimizer).
+
+    Example:
+        >>> running = rankops.RunningRankStats(vocab_size=50257, decay=0.99)
+        >>> loss = rankops.compensated_cross_entropy(logits, labels, 0.5, running=running)
+    """
+
+    def __init__(self, vocab_size: int, *, decay: float = 0.99, device=None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
+        self.vocab_size = vocab_size
+        self.decay = float(decay)
+        device = torch.device("cpu" if device is None else device)
+        self.count = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+        self.sum_logp = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+        self.n_updates = 0
+
+    def update(self, count: torch.Tensor, sum_logp: torch.Tensor) -> None:
+        """Decays the state and adds one batch's per-rank counts and logp sums ([V] each)."""
+        if count.shape != self.count.shape or sum_logp.shape != self.sum_logp.shape:
+            raise ValueError(f"per-rank statistics of length {count.shape[-1]} do not fit running "
+                             f"statistics of vocab_size={self.vocab_size}")
+        if count.device != self.count.device:
+            self.count = self.count.to(count.device)
+            self.sum_logp = self.sum_logp.to(count.device)
+        self.count.mul_(self.decay).add_(count)
+        self.sum_logp.mul_(self.decay).add_(sum_logp)
+        self.n_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"vocab_size": self.vocab_size, "decay": self.decay, "count": self.count.clone(),
+                "sum_logp": self.sum_logp.clone(), "n_updates": self.n_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("vocab_size") != self.vocab_size:
+            raise ValueError(f"state has vocab_size={state.get('vocab_size')}, this object "
+                             f"{self.vocab_size}")
+        self.decay = float(state["decay"])
+        self.count = state["count"].to(self.count.device, torch.float64).clone()
+        self.sum_logp = state["sum_logp"].to(self.count.device, torch.float64).clone()
+        self.n_updates = int(state["n_updates"])
+
+    def __repr__(self) -> str:
+        return (f"RunningRankStats(vocab_size={self.vocab_size}, decay={self.decay}, "
+                f"n_updates={self.n_updates})")
+
+
+def rank_ratio(count: torch.Tensor, sum_logp: torch.Tensor):
+    """Per-rank log Q(k) and Q(k)/P(k) from per-rank counts and logp sums ([V] float64).
+
+    Ranks that never occur get log Q = -inf and ratio 0 (no token will read them)."""
+    seen = count > 0
+    mean_logp = torch.where(seen, sum_logp / torch.where(seen, count, 1.0), float("-inf"))  # log S(k)
+    log_q = mean_logp - torch.logsumexp(mean_logp, dim=0)
+    ratio = torch.where(seen, torch.exp(log_q) * count.sum() / torch.where(seen, count, 1.0), 0.0)
+    return log_q, ratio
+
+
+def _check_options(lam, reduction, num_items_in_batch, min_weight, running, n_cols):
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a float, got {lam!r}")
+    if lam != lam or abs(lam) == float("inf"):
+        raise ValueError(f"lam must be finite, got {lam}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None:
+        if reduction == "none":
+            raise ValueError("num_items_in_batch divides a reduced loss; it cannot be used with "
+                             "reduction='none'")
+        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, torch.Tensor)):
+            raise TypeError(f"num_items_in_batch must be an int or a tensor, got {num_items_in_batch!r}")
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must hold one number, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        if isinstance(num_items_in_batch, int) and num_items_in_batch < 1:
+            raise ValueError(f"num_items_in_batch must be >= 1, got {num_items_in_batch}")
+    if min_weight is not None and (isinstance(min_weight, bool) or not isinstance(min_weight, (int, float))
+                                   or min_weight != min_weight):
+        raise TypeError(f"min_weight must be a float or None, got {min_weight!r}")
+    if running is not None:
+        if not isinstance(running, RunningRankStats):
+            raise TypeError(f"running must be a RunningRankStats or None, got {type(running).__name__}")
+        if running.vocab_size != n_cols:
+            raise ValueError(f"running has vocab_size={running.vocab_size} but the logits have "
+                             f"{n_cols} columns that count (vocab_size)")
+
+
+def _forward_stats(logits, targets, ignore_index, n_cols, backend, check_finite):
+    """(rank, logp, lse, first non-finite row as a 0-d tensor), each of the targets' shape."""
+    if backend == "torch":
+        flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        rank, _, logp = reference.token_stats(flat, t, ignore_index, n_cols)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.where(rank >= 0, torch.logsumexp(flat[:, :n_cols].to(acc), dim=1), 0.0)
+        bad = reference.has_nonfinite_row(flat, t, ignore_index, n_cols) if check_finite else None
+        first_bad = torch.tensor(-1 if bad is None else bad)
+        return rank.view(targets.shape), logp.view(targets.shape), lse.view(targets.shape), first_bad
+    rank, _, logp, first_bad = token_stats_op(logits, targets, ignore_index, n_cols, backend)
+    # logp = z_t - lse, so lse comes back from one gather of the target logits (exact upcast).
+    keep = rank >= 0
+    z_t = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1).float()
+    lse = torch.where(keep, z_t - logp, 0.0)
+    return rank, logp, lse, first_bad
+
+
+def _per_rank(rank, logp, n_cols):
+    """Per-rank token counts and logp sums of one batch, [n_cols] float64 each, sync-free."""
+    keep = rank >= 0
+    index = torch.where(keep, rank, 0).reshape(-1)
+    zeros = torch.zeros(n_cols, dtype=torch.float64, device=rank.device)
+    count = zeros.index_add(0, index, keep.reshape(-1).to(torch.float64))
+    sum_logp = zeros.index_add(0, index, torch.where(keep, logp, 0.0).reshape(-1).to(torch.float64))
+    return count, sum_logp
+
+
+class _CompensatedCrossEntropy(torch.autograd.Function):
+    """Forward: the loss from the fused kernel. Backward: one weighted softmax-gradient pass.
+
+    Saved for backward: the logits (as autograd already holds them; never written), targets,
+    and three [N] vectors (lse, weights, and the normaliser)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, lam, ignore_index, n_cols, reduction, num_items,
+                min_weight, running, backend, check_finite):
+        rank, logp, lse, first_bad = _forward_stats(logits, targets, ignore_index, n_cols, backend,
+                                                    check_finite)
+        if check_finite:
+            bad_row = int(first_bad)
+            if bad_row >= 0:
+                raise nonfinite_error(bad_row, targets.shape)
+        keep = rank >= 0
+        count, sum_logp = _per_rank(rank, logp, n_cols)
+        log_q, ratio = rank_ratio(count, sum_logp)           # the batch's own P and Q
+        index = torch.where(keep, rank, 0)
+        logp64 = logp.to(torch.float64)
+        ratio_i = torch.where(keep, ratio[index], 0.0)
+        per_token = torch.where(keep, -logp64 + lam * ratio_i * (logp64 - log_q[index]), 0.0)
+        if running is not None:
+            running.update(count, sum_logp)
+            _, ratio = rank_ratio(running.count, running.sum_logp)
+            ratio_i = torch.where(keep, ratio[index], 0.0)
+        weight = 1.0 - lam * ratio_i
+        if min_weight is not None:
+            weight = weight.clamp_min(min_weight)
+        weight = torch.where(keep, weight, 0.0)
+        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        if reduction == "none":
+            loss = per_token.to(out_dtype)
+            denom = None
+        else:
+            denom = num_items if num_items is not None else (keep.sum() if reduction == "mean" else None)
+            total = per_token.sum()
+            loss = (total if denom is None else total / denom).to(out_dtype)
+        ctx.save_for_backward(logits, targets, lse, weight)
+        ctx.denom = denom
+        ctx.reduction = reduction
+        ctx.meta = (ignore_index, n_cols, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse, weight = ctx.saved_tensors
+        ignore_index, n_cols, backend = ctx.meta
+        scale = weight * grad_loss.to(torch.float64)  # grad_loss: 0-d, or per token for "none"
+        if ctx.denom is not None:
+            scale = scale / ctx.denom
+        grad = softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, backend)
+        return grad, None, None, None, None, None, None, None, None, None, None
+
+
+def compensated_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, lam: float, *, ignore_index: int = -100,
+    reduction: str = "mean", vocab_size: Optional[int] = None,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    running: Optional[RunningRankStats] = None, min_weight: Optional[float] = None,
+    backend: str = "auto", check_finite: bool = True, validate: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy plus lam times the batch's Confidence: L = CE + lam * Conf (paper 6.2).
+
+    Args:
+        logits: [N, V] or [..., V], float32, bfloat16, float16 (or float64), any strides.
+            The gradient comes back in the logits' dtype; the logits are never overwritten.
+        targets: integer class indices of the leading shape; ignore_index drops a token.
+        lam: the weight of Confidence. lam = 0 is F.cross_entropy, in value and gradient.
+        reduction: "mean" (over kept tokens, or divided by num_items_in_batch), "sum", or
+            "none": per-token terms l_i whose mean is the loss (see the module docstring);
+            their backward treats the batch's P and Q as fixed, so the gradient of their sum
+            is exactly the gradient of the summed loss.
+        vocab_size: count only the first vocab_size columns (padded output layers); the
+            padded columns get zero gradient.
+        num_items_in_batch: divide the summed loss by this instead of by the batch's kept
+            tokens: under gradient accumulation, the kept tokens of all micro-batches (as
+            transformers' Trainer passes it).
+        running: a RunningRankStats: the weights' P and Q come from it (after adding this
+            batch) instead of from this batch alone. The loss value is still the batch's.
+        min_weight: clip the per-token weights w_i = 1 - lam Q(k)/P(k) from below (0.0 stops
+            the loss from pushing correct top-ranked tokens down); None keeps them exact.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference), as token_stats.
+        check_finite, validate: as token_stats; both False makes a GPU step sync-free.
+
+    Returns:
+        A 0-d float32 tensor (float64 for float64 logits), or per-token terms for "none".
+
+    Example:
+        >>> loss = rankops.compensated_cross_entropy(logits, labels, lam=0.3)
+        >>> loss.backward()
+    """
+    check_sync_options(check_finite, validate)
+    n_cols = check_inputs(logits, targets, ignore_index, vocab_size, validate)
+    _check_options(lam, reduction, num_items_in_batch, min_weight, running, n_cols)
+    backend = resolve_backend(backend, logits)
+    targets = targets.to(torch.int64).contiguous()
+    if validate and reduction == "mean" and num_items_in_batch is None \
+            and not bool((targets != ignore_index).any()):
+        raise ValueError(f"targets: every token equals ignore_index={ignore_index}, so the mean "
+                         "loss is undefined; pass num_items_in_batch or reduction='sum'")
+    num_items = num_items_in_batch
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(device=logits.device, dtype=torch.float64).reshape(())
+    return _CompensatedCrossEntropy.apply(logits, targets, float(lam), ignore_index, n_cols, reduction,
+                                          num_items, min_weight, running, backend, check_finite)
+
+
+class CompensatedCrossEntropy(torch.nn.Module):
+    """compensated_cross_entropy as a module that keeps its options and, with
+    weights="running", its RunningRankStats (saved in state_dict as buffers).
+
+    Example:
+        >>> criterion = rankops.CompensatedCrossEntropy(lam=0.3, weights="running",
+        ...                                             vocab_size=50257)
+        >>> loss = criterion(logits, labels)
+    """
+
+    def __init__(self, lam: float, *, weights: str = "batch", vocab_size: Optional[int] = None,
+                 decay: float = 0.99, min_weight: Optional[float] = None, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto", check_finite: bool = True,
+                 validate: bool = True):
+        super().__init__()
+        if weights not in ("batch", "running"):
+            raise ValueError(f"weights must be 'batch' or 'running', got {weights!r}")
+        if weights == "running" and vocab_size is None:
+            raise ValueError("weights='running' needs vocab_size (the length of the running statistics)")
+        _check_options(lam, reduction, None, min_weight, None, 0)
+        self.lam, self.weights, self.vocab_size = float(lam), weights, vocab_size
+        self.min_weight, self.ignore_index, self.reduction = min_weight, ignore_index, reduction
+        self.backend, self.check_finite, self.validate = backend, check_finite, validate
+        self.running = RunningRankStats(vocab_size, decay=decay) if weights == "running" else None
+        if self.running is not None:
+            self.register_buffer("running_count", self.running.count, persistent=True)
+            self.register_buffer("running_sum_logp", self.running.sum_logp, persistent=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.running is not None:  # keep the running object on the buffers' device
+            self.running.count, self.running.sum_logp = self.running_count, self.running_sum_logp
+        return out
+
+    def forward(self, logits, targets, num_items_in_batch=None):
+        if self.running is not None:
+            self.running.count, self.running.sum_logp = self.running_count, self.running_sum_logp
+        loss = compensated_cross_entropy(
+            logits, targets, self.lam, ignore_index=self.ignore_index, reduction=self.reduction,
+            vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch, running=self.running,
+            min_weight=self.min_weight, backend=self.backend, check_finite=self.check_finite,
+            validate=self.validate)
+        if self.running is not None:
+            self.running_count, self.running_sum_logp = self.running.count, self.running.sum_logp
+        return loss
+
+    def extra_repr(self) -> str:
+        return (f"lam={self.lam}, weights={self.weights!r}, min_weight={self.min_weight}, "
+                f"reduction={self.reduction!r}")
