@@ -7,6 +7,7 @@ with fused kernels for the per-token rank statistics it rests on.
 from rankops import fit
 from rankops.accumulate import RankAccumulator
 from rankops.decompose import Decomposition, decompose, decompose_counts
+from rankops.distributed import token_stats_vocab_parallel
 from rankops.loss import CompensatedCrossEntropy, RunningRankStats, compensated_cross_entropy
 from rankops.ops.token_stats import TokenStats, available_backends, token_stats
 
@@ -24,4 +25,5 @@ __all__ = [
     "decompose_counts",
     "fit",
     "token_stats",
+    "token_stats_vocab_parallel",
 ]

@@ -127,6 +127,9 @@ class RankAccumulator:
         check_inputs(logits, targets, ignore_index, self.vocab_size, validate)
         self._adopt_device(logits.device, "logits")
         backend = resolve_backend(backend, logits)
+        if backend == "torch" and not validate:
+            self._update_leaving_out(logits, targets, ignore_index, backend)
+            return
         if backend == "torch":
             stats = token_stats(logits, targets, ignore_index=ignore_index,
                                 vocab_size=self.vocab_size, backend=backend,
@@ -140,6 +143,11 @@ class RankAccumulator:
         target_stats = torch.zeros_like(self.stats) if scratch else self.stats
         info = accumulate_op(logits, targets64, ignore_index, self.vocab_size, backend,
                              target_stats, check_finite)
+        if backend == "cpu" and not validate and int(info[1]) >= 0:
+            # The CPU kernel adds nothing when a kept token's logp cannot be accumulated; as on
+            # the GPU, leave out only those tokens (checking costs no sync on the host).
+            self._update_leaving_out(logits, targets64, ignore_index, backend)
+            return
         if validate:
             nonfinite_row, bad_logp_row = int(info[0]), int(info[1])  # the one sync
             if check_finite and nonfinite_row >= 0:
@@ -151,6 +159,17 @@ class RankAccumulator:
         self.n_tied += info[2].to(self.device)
         self.n_skipped += info[3].to(self.device)
         normalize_carry(self.stats)
+
+    def _update_leaving_out(self, logits, targets, ignore_index, backend) -> None:
+        """update(validate=False) on the host: adds every kept token whose logp can be
+        accumulated, and counts the others in n_skipped."""
+        s = token_stats(logits, targets, ignore_index=ignore_index, vocab_size=self.vocab_size,
+                        backend=backend, check_finite=False)
+        kept = s.rank >= 0
+        ok = kept & (s.logp.abs() < LOGP_LIMIT)
+        self.update_stats(torch.where(ok, s.rank, -1), torch.where(ok, s.logp, 0.0),
+                          ties=torch.where(ok, s.ties, 0))
+        self.n_skipped += (kept & ~ok).sum()
 
     def update_stats(self, rank: torch.Tensor, logp: torch.Tensor,
                      ties: Optional[torch.Tensor] = None) -> None:
@@ -213,6 +232,31 @@ class RankAccumulator:
         normalize_carry(self.stats)
         self.ties_known = self.ties_known and other.ties_known
         return self
+
+    def all_reduce(self, group=None) -> "RankAccumulator":
+        """Sums the state over the processes of a torch.distributed group, in place; returns self.
+
+        One int64 all-reduce (SUM) of the state (never an all-gather), so every process ends with
+        the accumulator of all tokens, bit for bit. gloo takes CPU state, nccl CUDA state (CPU
+        state is moved to the current GPU for the collective). Call it once: a second call
+        would add the totals again. See rankops.distributed."""
+        from rankops.distributed import all_reduce_accumulator
+        return all_reduce_accumulator(self, group)
+
+    def update_vocab_parallel(self, local_logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int,
+                              vocab_size: Optional[int] = None, group=None, ignore_index: int = -100,
+                              check_finite: bool = True) -> None:
+        """Adds a batch whose vocabulary is split over the group's processes (each holds columns
+        [vocab_start, vocab_start + V_local)); see rankops.token_stats_vocab_parallel. Every
+        process of the group adds the same tokens, so its accumulators stay equal; all_reduce
+        over the data-parallel group only. vocab_size defaults to the accumulator's."""
+        from rankops.distributed import token_stats_vocab_parallel
+        if vocab_size is not None and vocab_size > self.vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the accumulator's vocab_size={self.vocab_size}")
+        stats = token_stats_vocab_parallel(local_logits, targets, vocab_start=vocab_start,
+                                           vocab_size=self.vocab_size if vocab_size is None else vocab_size,
+                                           group=group, ignore_index=ignore_index, check_finite=check_finite)
+        self.update_stats(stats.rank, stats.logp, ties=stats.ties)
 
     def copy(self) -> "RankAccumulator":
         new = RankAccumulator(self.vocab_size, device=self.device)

@@ -1,4 +1,4 @@
-"""The rankops command line: `rankops eval`, `rankops corpora`, `rankops selfcheck`."""
+"""The rankops command line: `rankops eval`, `rankops lm-eval`, `rankops corpora`, `rankops selfcheck`."""
 import argparse
 import json
 import sys
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None,
                    help="sliding windows with this stride (default: disjoint windows)")
     e.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
+    e.add_argument("--lm-eval-windows", action="store_true",
+                   help="lm-evaluation-harness's rolling windows (what `rankops lm-eval` scores) instead")
     e.add_argument("--max-tokens", type=_max_tokens, default=DEFAULT_MAX_TOKENS,
                    help=f"scored-token budget per model and corpus; the default, {DEFAULT_MAX_TOKENS}, keeps "
                         "a CPU run to a few minutes; 'all' scores every selected document")
@@ -67,12 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("results", nargs="+", help="results.json files or folders holding them")
     pl.add_argument("--output-dir", default="rankops_figures", help="(default: %(default)s)")
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness with the hf-rankops model: `rankops lm-eval [--corpus PATH] "
+                        "LM-EVAL-RUN-ARGS` (see `rankops lm-eval --help`)")
     sub.add_parser("corpora", help="list the built-in corpora, their licenses and how to install them")
     sub.add_parser("selfcheck", help="check the installation against the known-answer case")
     return p
 
 
 def cmd_eval(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) each process evaluates its share of the
+    batches; process 0 writes the results and prints the table."""
+    from rankops.distributed import destroy_eval_process_group
+    try:
+        return _eval(args)
+    finally:
+        destroy_eval_process_group()
+
+
+def _eval(args) -> int:
     import torch
 
     from rankops.eval.corpora import CorpusError, load_corpus
@@ -91,10 +106,16 @@ def cmd_eval(args) -> int:
     except (RuntimeError, AssertionError) as exc:
         print(f"rankops eval: error: --device {device} is not usable here: {exc}", file=sys.stderr)
         return 2
+    from rankops.distributed import init_eval_process_group
+    try:
+        device, rank, world_size = init_eval_process_group(device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"rankops eval: error: cannot start the distributed run: {exc}", file=sys.stderr)
+        return 2
     try:
         protocol = Protocol(n_documents=args.n_documents, seed=args.seed, context_length=args.context_length,
                             stride=args.stride, add_bos=not args.no_bos, max_tokens=args.max_tokens,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, lm_eval_windows=args.lm_eval_windows)
         corpora = [load_corpus(c, text_field=args.text_field, split=args.split) for c in args.corpus]
     except (ValueError, CorpusError) as exc:
         print(f"rankops eval: error: {exc}", file=sys.stderr)
@@ -109,9 +130,11 @@ def cmd_eval(args) -> int:
                 results = evaluate(lm, corpus, protocol, output_path=args.output_path, resume=args.resume,
                                    backend=args.backend, device=torch.device(device),
                                    max_batch_tokens=args.batch_tokens,
-                                   checkpoint_every_s=args.checkpoint_every, progress=not args.no_progress)
+                                   checkpoint_every_s=args.checkpoint_every, progress=not args.no_progress,
+                                   distributed=world_size > 1)
                 all_results.append(results)
-                print(f"wrote {results['path']}", file=sys.stderr)
+                if rank == 0:
+                    print(f"wrote {results['path']}", file=sys.stderr)
         except (ModelError, EvalError, ValueError) as exc:
             print(f"rankops eval: error: {exc}", file=sys.stderr)
             return 2
@@ -119,7 +142,8 @@ def cmd_eval(args) -> int:
             print("\nrankops eval: interrupted; what was measured is checkpointed: rerun with --resume",
                   file=sys.stderr)
             return 130
-    print(markdown_table(all_results))
+    if rank == 0:
+        print(markdown_table(all_results))
     return 0
 
 
@@ -163,7 +187,20 @@ def cmd_corpora(args) -> int:
     return 0
 
 
+def cmd_lm_eval(argv) -> int:
+    try:
+        from rankops.integrations.lm_eval import main as lm_eval_main
+    except ImportError as exc:
+        print(f"rankops lm-eval: error: needs lm-evaluation-harness: pip install 'rankops[lm-eval]' ({exc})",
+              file=sys.stderr)
+        return 2
+    return lm_eval_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        return cmd_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return cmd_eval(args)

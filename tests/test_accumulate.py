@@ -615,3 +615,19 @@ def test_3d_inputs_with_padding(backend, ignore_index):
     tmajor.update(logits.transpose(0, 1), targets.transpose(0, 1), ignore_index=ignore_index,
                   backend=backend)
     assert_same_stats(tmajor, flat)
+
+
+def test_unvalidated_update_leaves_out_only_unaccumulable_tokens(backend, device):
+    # validate=False: a token whose logp is NaN is left out and counted; the rest of the batch
+    # is added, on every backend alike.
+    logits, targets = make_batch(31, 12, 50)
+    targets[targets == -100] = 3
+    logits[4, :] = float("nan")   # row 4's logp is NaN
+    acc = rankops.RankAccumulator(50)
+    acc.update(logits.to(device), targets.to(device), backend=backend, check_finite=False, validate=False)
+    want = rankops.RankAccumulator(50)
+    rows = torch.arange(12) != 4
+    want.update(logits[rows].to(device), targets[rows].to(device), backend=backend)
+    assert int(acc.n_skipped) == 1
+    assert torch.equal(acc.stats.cpu(), want.stats.cpu())
+    assert int(acc.n_tied) == int(want.n_tied)
