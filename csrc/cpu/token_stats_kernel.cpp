@@ -17,12 +17,8 @@
 
 #include <omp.h>
 
+#include "kernel_math.h"  // checks RANKOPS_ISA
 #include "token_stats.h"
-#include "kernel_math.h"
-
-#ifndef RANKOPS_ISA
-#error "RANKOPS_ISA must name the instruction set this translation unit is built for"
-#endif
 
 namespace rankops {
 namespace cpu {
