@@ -5,8 +5,8 @@ pure-torch backend, and at lam = 0 against F.cross_entropy. Then forward + backw
 candidate is timed, taking turns round by round (ratios hold on a shared machine; absolute
 times do not), and each candidate's peak memory beyond its inputs is measured: on a GPU with
 the allocator's peak counter, on the CPU as the peak resident memory of a fresh process that
-runs the candidate once (the gradient itself, N*V in the logits' dtype, is part of every
-candidate's peak and is reported next to it).
+runs the candidate once, its peak reset just before. The gradient itself (N*V in the logits'
+dtype) is part of every candidate's peak and is reported next to it.
 
 Candidates (lam = 0.3 for rankops; the baselines compute plain cross-entropy):
   rankops-<backend>  the fused kernels (cpu; cuda, triton on a GPU)
@@ -69,13 +69,17 @@ def candidates(device, backends):
 
 def check(backends, logits, targets):
     x = logits.detach().clone().requires_grad_(True)
-    rankops.compensated_cross_entropy(x, targets, LAM, backend="torch").backward()
+    want_loss = rankops.compensated_cross_entropy(x, targets, LAM, backend="torch")
+    want_loss.backward()
     want = x.grad
     y = logits.detach().float().clone().requires_grad_(True)
     F.cross_entropy(y, targets).backward()
     for b in backends:
         x = logits.detach().clone().requires_grad_(True)
-        rankops.compensated_cross_entropy(x, targets, LAM, backend=b).backward()
+        loss = rankops.compensated_cross_entropy(x, targets, LAM, backend=b)
+        loss.backward()
+        if abs(loss.item() - want_loss.item()) > 1e-4 * abs(want_loss.item()):
+            sys.exit(f"FAIL: backend {b}'s loss {loss.item()} differs from the torch backend's {want_loss.item()}")
         err = ((x.grad.double() - want.double()).abs().max() / want.double().abs().max()).item()
         if err > 1e-2:
             sys.exit(f"FAIL: backend {b}'s gradient differs from the torch backend's by {err:.3g} (relative)")
@@ -95,19 +99,23 @@ def _rss_child(queue, name, n_rows, n_vocab, dtype_name, backends):
     small_logits, small_targets = make_case(8, 1000, DTYPES[dtype_name], "cpu")
     fn(small_logits.requires_grad_(True), small_targets)
     x = logits.requires_grad_(True)
-    before = _high_water_kib()
+    # Reset the peak (VmHWM) to the current resident size, so temporaries freed before (those
+    # of make_case) do not hide the candidate's own peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     fn(x, targets)
-    queue.put((_high_water_kib() - before) / 1024)
+    queue.put((_status_kib("VmHWM") - before) / 1024)
 
 
-def _high_water_kib():
-    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which a
-    spawned child inherits from the forked parent across exec, it starts afresh in the child."""
+def _status_kib(field):
+    """A memory figure of this process from /proc/self/status, in KiB (Linux). getrusage's
+    ru_maxrss would not do: a spawned child inherits the parent's across exec."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_extra_mb(device, name, fn, logits, targets, backends):
