@@ -22,6 +22,7 @@ Candidates (lam = 0.3 for rankops; the baselines compute plain cross-entropy):
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 
 import torch
@@ -151,7 +152,9 @@ def main():
     repeat = args.repeat or (25 if args.device == "cuda" else 7)
     on_device = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}[args.device]
     backends = [b for b in rankops.available_backends() if b in on_device]
-    env = environment(args.device)
+    # torch's own switch for 2 MB pages in its CPU allocator: it changes what a fresh [N, V]
+    # gradient costs (page faults), so it is recorded with the rows.
+    env = dict(environment(args.device), THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"# fwd+bwd, lam={LAM}; grad_MB is the gradient's own size, part of every peak")
     print(f"{'candidate':<16} {'dtype':<5} {'N':>6} {'V':>7} {'ms':>9} {'vs_torch':>8} {'vs_fp32':>8} "
