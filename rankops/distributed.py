@@ -51,7 +51,7 @@ def comm_device(group, device: torch.device) -> torch.device:
     return device  # multi-backend groups ("cpu:gloo,cuda:nccl") dispatch on the device
 
 
-def _all_reduce(x: torch.Tensor, op: str, group, device: torch.device) -> torch.Tensor:
+def all_reduce_tensor(x: torch.Tensor, op: str, group, device: torch.device) -> torch.Tensor:
     """x all-reduced with op ("sum" or "max") on the group's device, returned on device."""
     dist = _dist()
     buf = x.to(comm_device(group, device))
@@ -65,14 +65,14 @@ def all_reduce_accumulator(acc, group=None):
     # One MAX over (V, -V, -ties_known) finds differing vocabularies and unknown ties cheaply,
     # before the big collective: every process sees the same answer and raises alike.
     meta = torch.tensor([acc.vocab_size, -acc.vocab_size, -int(acc.ties_known)], dtype=torch.int64)
-    v_max, neg_v_min, neg_ties_known = _all_reduce(meta, "max", group, device).tolist()
+    v_max, neg_v_min, neg_ties_known = all_reduce_tensor(meta, "max", group, device).tolist()
     if v_max != -neg_v_min:
         raise ValueError(f"vocab_size differs between processes (from {-neg_v_min} to {v_max}): "
                          "every process must accumulate the same vocabulary")
     # The whole state in one SUM: stats [6, V] and the two scalar counters behind it. Every lo
     # word is in [0, 2^32) before the sum, so the int64 sum cannot overflow below 2^31 processes.
     flat = torch.cat([acc.stats.reshape(-1), acc.n_tied.reshape(1), acc.n_skipped.reshape(1)])
-    total = _all_reduce(flat, "sum", group, device)
+    total = all_reduce_tensor(flat, "sum", group, device)
     n = acc.stats.numel()
     acc.stats = total[:n].view_as(acc.stats).clone()
     acc.n_tied = total[n].clone()
@@ -132,7 +132,7 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
         table[rank] = torch.tensor([1, vocab_start, local_logits.shape[-1], targets.numel(),
                                     -1 if vocab_size is None else vocab_size,
                                     _DTYPE_CODES[local_logits.dtype], ignore_index])
-    table = _all_reduce(table, "sum", group, device).tolist()
+    table = all_reduce_tensor(table, "sum", group, device).tolist()
     if local_error is not None:
         raise local_error
     failed = [r for r in range(world) if table[r][0] == 0]
@@ -184,7 +184,7 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
     bad_target = torch.nonzero(keep & ~in_range)
     scalars = torch.tensor([-float(bad_target[0, 0]) if bad_target.numel() else none],
                            dtype=torch.float64, device=device)
-    reduced = _all_reduce(torch.cat([packed.reshape(-1), scalars]), "max", group, device)
+    reduced = all_reduce_tensor(torch.cat([packed.reshape(-1), scalars]), "max", group, device)
     packed, first_bad_target = reduced[:-1].view(6, n_rows), reduced[-1].item()
     if first_bad_target != none:
         row = int(-first_bad_target)
@@ -220,7 +220,7 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
             sums[1, a:b] = (z == z_t_native).sum(dim=1).to(torch.float64)
             e = z.to(compute_dtype) - shift[a:b].to(compute_dtype)[:, None]  # a new tensor
             sums[2, a:b] = e.exp_().sum(dim=1).to(torch.float64)
-    sums = _all_reduce(sums, "sum", group, device)
+    sums = all_reduce_tensor(sums, "sum", group, device)
 
     greater, equal = sums[0].to(torch.int64), sums[1].to(torch.int64)
     ties = equal - (z_t == z_t).to(torch.int64)  # the target is not its own tie
@@ -299,8 +299,8 @@ def destroy_eval_process_group() -> None:
 
 def all_reduce_timings(timings: dict, group=None) -> dict:
     """Process-seconds summed (forward_s, metric_s) and the longest wall_s, over the group."""
-    total = _all_reduce(torch.tensor([timings["forward_s"], timings["metric_s"]], dtype=torch.float64),
-                        "sum", group, torch.device("cpu")).tolist()
-    wall = _all_reduce(torch.tensor([timings.get("wall_s", 0.0)], dtype=torch.float64),
-                       "max", group, torch.device("cpu")).item()
+    total = all_reduce_tensor(torch.tensor([timings["forward_s"], timings["metric_s"]], dtype=torch.float64),
+                              "sum", group, torch.device("cpu")).tolist()
+    wall = all_reduce_tensor(torch.tensor([timings.get("wall_s", 0.0)], dtype=torch.float64),
+                              "max", group, torch.device("cpu")).item()
     return dict(timings, forward_s=total[0], metric_s=total[1], wall_s=wall)

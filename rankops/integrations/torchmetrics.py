@@ -17,13 +17,13 @@ Example:
 from typing import Optional, Union
 
 import torch
-import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from rankops.accumulate import RankAccumulator, normalize_carry
 from rankops.decompose import TIE_MODES, Decomposition
+from rankops.distributed import all_reduce_tensor
 from rankops.ops.token_stats import BACKENDS, check_sync_options
 
 
@@ -189,7 +189,7 @@ def _all_reduce_sum(states, group) -> tuple:
     """Sums int64 tensors over the group's processes with a single all_reduce of one packed
     buffer; returns new tensors (the inputs are left as they were)."""
     flat = torch.cat([s.reshape(-1) for s in states])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat = all_reduce_tensor(flat, "sum", group, flat.device)  # on the group's device (nccl: a GPU)
     out, start = [], 0
     for s in states:
         out.append(flat[start:start + s.numel()].view(s.shape))
