@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from mini_scaling import SEQ, split_kjv, token_stream, train_tokenizer  # noqa: E402
+from mini_scaling import SEQ, split_kjv, token_stream, train_tokenizer, training_steps  # noqa: E402
 
 from rankops import RankAccumulator  # noqa: E402
 from rankops.eval.run import write_atomic  # noqa: E402
@@ -64,22 +64,8 @@ def train_run(lam, stream, tokenizer, eval_batches, args):
     model = transformers.AutoModelForCausalLM.from_config(config).to(args.device)
     if lam is not None:
         model.loss_function = CompensatedCausalLMLoss(lam, weights=args.weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    g = torch.Generator().manual_seed(args.seed)  # the same batches for every run
     curve = []
-    model.train()
-    for step in range(1, args.steps + 1):
-        starts = torch.randint(0, len(stream) - SEQ - 1, (args.batch,), generator=g)
-        x = torch.stack([stream[s:s + SEQ] for s in starts]).to(args.device)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    for step, loss in training_steps(model, stream, args.steps, args.batch, args.lr, args.seed, args.device):
         if step % args.eval_every == 0 or step == args.steps:
             point = {"step": step, "train_loss": loss.item(), **evaluate(model, eval_batches, len(tokenizer), args.device)}
             curve.append(point)

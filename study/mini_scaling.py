@@ -67,6 +67,28 @@ def token_stream(train: Corpus, tokenizer) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+def training_steps(model, stream, steps, batch, lr, seed, device):
+    """Trains model on random SEQ-token windows of stream, yielding (step, loss) after each
+    optimiser step: AdamW, a 5% linear warm-up then cosine decay, gradients clipped at 1. The
+    batches depend on the seed alone, so runs that share a seed see the same tokens in order."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, len(stream) - SEQ - 1, (batch,), generator=g)
+        x = torch.stack([stream[s:s + SEQ] for s in starts]).to(device)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        yield step, loss.detach()
+
+
 def train_model(size, stream, tokenizer, steps, batch, checkpoints, out: Path, seed=0, device="cpu"):
     import transformers
     width, layers, heads, ffn = size
@@ -80,21 +102,7 @@ def train_model(size, stream, tokenizer, steps, batch, checkpoints, out: Path, s
     # A smaller step size for wider models (as muP prescribes for hidden weights), so the larger
     # models of this short schedule are not the worst trained.
     lr = min(3e-3, 3e-3 * 96 / width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(seed)  # the same batches for every model
-    model.train()
-    for step in range(1, steps + 1):
-        starts = torch.randint(0, len(stream) - SEQ - 1, (batch,), generator=g)
-        x = torch.stack([stream[s:s + SEQ] for s in starts]).to(device)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    for step, loss in training_steps(model, stream, steps, batch, lr, seed, device):
         if step in checkpoints:
             path = out / f"checkpoint-{step}"
             model.save_pretrained(path)
