@@ -82,9 +82,29 @@ bool set_isa(const char* name) {
   return false;
 }
 
-Status token_stats(const TokenStatsArgs& args) { return kIsas[g_active.load()].token_stats(args); }
+namespace {
+// The first row whose target is neither ignore_index nor in [0, n_cols), or -1. Every kernel
+// runs only after this O(N) check, so none reads outside a row.
+int64_t first_bad_target(const TokenStatsArgs& a) {
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    const int64_t t = a.targets[r];
+    if (t != a.ignore_index && (t < 0 || t >= a.n_cols)) return r;
+  }
+  return -1;
+}
+}  // namespace
 
-Status softmax_grad(const SoftmaxGradArgs& args) { return kIsas[g_active.load()].softmax_grad(args); }
+Status token_stats(const TokenStatsArgs& args) {
+  Status s;
+  s.bad_target_row = first_bad_target(args);
+  return s.bad_target_row >= 0 ? s : kIsas[g_active.load()].token_stats(args);
+}
+
+Status softmax_grad(const SoftmaxGradArgs& args) {
+  Status s;
+  s.bad_target_row = first_bad_target(args.in);
+  return s.bad_target_row >= 0 ? s : kIsas[g_active.load()].softmax_grad(args);
+}
 
 namespace {
 inline void add_fixed(int64_t* hi, int64_t* lo, int64_t q) {

@@ -34,14 +34,6 @@ Status run(const SoftmaxGradArgs& g) {
   const TokenStatsArgs& a = g.in;
   const T* base = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(g.grad);
-  Status status;
-  for (int64_t r = 0; r < a.n_rows; ++r) {
-    const int64_t t = a.targets[r];
-    if (t != a.ignore_index && (t < 0 || t >= a.n_cols)) {
-      status.bad_target_row = r;
-      return status;
-    }
-  }
   const int64_t n_blocks = (g.grad_row_len + kBlockCols - 1) / kBlockCols;
   const int n_threads = a.n_rows * g.grad_row_len < kMinParallelWork ? 1 : a.n_threads;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -70,7 +62,7 @@ Status run(const SoftmaxGradArgs& g) {
       store_value(out + t, scale * (exp_bounded(z_t - lse) - 1.0f), IsBF16{});
     }
   }
-  return status;
+  return Status{};
 }
 
 }  // namespace

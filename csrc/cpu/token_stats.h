@@ -47,7 +47,8 @@ struct SoftmaxGradArgs {
 
 namespace cpu {
 // One definition per instruction set, from csrc/cpu/token_stats_kernel.cpp and
-// csrc/cpu/softmax_grad_kernel.cpp.
+// csrc/cpu/softmax_grad_kernel.cpp. They assume targets in range: call the dispatchers below,
+// which check them first.
 #define RANKOPS_DECLARE_ISA(isa) \
   namespace isa { Status token_stats(const TokenStatsArgs& args); \
                   Status softmax_grad(const SoftmaxGradArgs& args); }
@@ -62,6 +63,7 @@ const char* const* compiled_isas(int* count);
 bool isa_supported(const char* name);
 bool set_isa(const char* name);  // "" or "auto" selects the widest supported
 
+// Check the targets (Status::bad_target_row), then run the active instruction set's kernel.
 Status token_stats(const TokenStatsArgs& args);
 Status softmax_grad(const SoftmaxGradArgs& args);
 
