@@ -138,15 +138,14 @@ def _forward_stats(logits, targets, ignore_index, n_cols, backend, check_finite)
     if backend == "torch":
         flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         rank, _, logp = reference.token_stats(flat, t, ignore_index, n_cols)
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lse = torch.where(rank >= 0, torch.logsumexp(flat[:, :n_cols].to(acc), dim=1), 0.0)
         bad = reference.has_nonfinite_row(flat, t, ignore_index, n_cols) if check_finite else None
+        rank, logp = rank.view(targets.shape), logp.view(targets.shape)
         first_bad = torch.tensor(-1 if bad is None else bad)
-        return rank.view(targets.shape), logp.view(targets.shape), lse.view(targets.shape), first_bad
-    rank, _, logp, first_bad = token_stats_op(logits, targets, ignore_index, n_cols, backend)
+    else:
+        rank, _, logp, first_bad = token_stats_op(logits, targets, ignore_index, n_cols, backend)
     # logp = z_t - lse, so lse comes back from one gather of the target logits (exact upcast).
     keep = rank >= 0
-    z_t = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1).float()
+    z_t = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1).to(logp.dtype)
     lse = torch.where(keep, z_t - logp, 0.0)
     return rank, logp, lse, first_bad
 
@@ -304,14 +303,14 @@ class CompensatedCrossEntropy(torch.nn.Module):
         return out
 
     def forward(self, logits, targets, num_items_in_batch=None):
-        if self.running is not None:
-            self.running.count, self.running.sum_logp = self.running_count, self.running_sum_logp
+        # self.running shares its tensors with the buffers: _apply (.to(), .cuda()) re-points it
+        # after a move, and load_state_dict copies into the buffers in place.
         loss = compensated_cross_entropy(
             logits, targets, self.lam, ignore_index=self.ignore_index, reduction=self.reduction,
             vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch, running=self.running,
             min_weight=self.min_weight, backend=self.backend, check_finite=self.check_finite,
             validate=self.validate)
-        if self.running is not None:
+        if self.running is not None:  # where update() moved them to the logits' device, follow
             self.running_count, self.running_sum_logp = self.running.count, self.running.sum_logp
         return loss
 
