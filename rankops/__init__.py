@@ -7,9 +7,10 @@ with fused kernels for the per-token rank statistics it rests on.
 from rankops import fit
 from rankops.accumulate import RankAccumulator
 from rankops.decompose import Decomposition, decompose, decompose_counts
-from rankops.distributed import token_stats_vocab_parallel
 from rankops.loss import CompensatedCrossEntropy, RunningRankStats, compensated_cross_entropy
-from rankops.ops.token_stats import TokenStats, available_backends, token_stats
+from rankops.ops.common import available_backends
+from rankops.ops.token_stats import TokenStats, token_stats
+from rankops.ops.vocab_parallel import token_stats_vocab_parallel
 
 __version__ = "0.1.0"
 

@@ -144,3 +144,51 @@ def cuda_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):
         logits.stride(0), logits.stride(1), targets.data_ptr(), ignore_index, lse.data_ptr(),
         scale.data_ptr(), grad.data_ptr(), torch.cuda.current_stream(logits.device).cuda_stream,
     )
+
+
+# ---- TEMPORARY (until the kernel-layer rewrite lands): the new launcher API on the old binding.
+_old_cpu_token_stats, _old_cpu_accumulate = cpu_token_stats, cpu_accumulate
+_old_cpu_softmax_grad = cpu_softmax_grad
+
+
+def _targets_error(row, targets, ignore_index, n_cols):
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(targets.shape)))
+    return ValueError(f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
+                      f"found {int(targets.reshape(-1)[row])} at position {pos}")
+
+
+def cpu_token_stats(logits, targets, ignore_index, n_cols, target_logit=None):  # noqa: F811
+    if target_logit is not None:
+        from rankops.ops import reference
+        r, t, lp, flags = reference.token_stats(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index, n_cols, target_logit.reshape(-1))
+        rows = torch.nonzero(flags)
+        return r, t, lp, int(rows[0, 0]) if rows.numel() else -1
+    view = logits if logits.dim() - 1 <= 8 else logits.reshape(-1, logits.shape[-1])
+    try:
+        return _old_cpu_token_stats(view, targets.view(view.shape[:-1]), ignore_index, n_cols)
+    except ValueError:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_cols))
+        raise _targets_error(int(torch.nonzero(bad.reshape(-1))[0, 0]), targets, ignore_index, n_cols)
+
+
+def cpu_accumulate(logits, targets, stats, ignore_index, n_cols, check_finite, leave_out):  # noqa: F811
+    view = logits if logits.dim() - 1 <= 8 else logits.reshape(-1, logits.shape[-1])
+    tv = targets.view(view.shape[:-1])
+    if not leave_out:
+        nf, bl, _, tied = _old_cpu_accumulate(view, tv, ignore_index, n_cols, stats, check_finite)
+        return nf, bl, tied, 0
+    rank, ties, logp, nf = cpu_token_stats(view, tv, ignore_index, n_cols)
+    rank, ties, logp = rank.reshape(-1), ties.reshape(-1), logp.reshape(-1)
+    kept = rank >= 0
+    ok = kept & (logp.abs() < 2.0 ** 23)
+    from rankops.ops.accumulate import add_tokens
+    tied = int(add_tokens(stats, rank[ok], logp[ok], ties[ok]))
+    bad = torch.nonzero(kept & ~ok)
+    return nf, int(bad[0, 0]) if bad.numel() else -1, tied, int((kept & ~ok).sum())
+
+
+def cpu_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):  # noqa: F811
+    flat = logits.reshape(-1, logits.shape[-1])
+    _old_cpu_softmax_grad(flat, targets.reshape(-1), lse.reshape(-1).contiguous(), scale.reshape(-1).contiguous(),
+                          ignore_index, n_cols, grad.view(flat.shape))

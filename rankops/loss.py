@@ -25,14 +25,14 @@ backward pass is one more read and the write of the gradient (rankops.ops.softma
 per-rank statistics are [V]-long float64 vectors built with scatter-adds: no host sync unless
 validation asks for one.
 """
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from rankops.ops import reference
+from rankops.ops.common import RowOptions, nonfinite_error, prepare
 from rankops.ops.softmax_grad import softmax_grad
-from rankops.ops.token_stats import (check_inputs, check_sync_options, nonfinite_error,
-                                     resolve_backend, token_stats_op)
+from rankops.ops.token_stats import token_stats_op
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -133,21 +133,23 @@ def _check_options(lam, reduction, num_items_in_batch, min_weight, running, n_co
                              f"{n_cols} columns that count (vocab_size)")
 
 
-def _forward_stats(logits, targets, ignore_index, n_cols, backend, check_finite):
+def _forward_stats(logits, targets, rows: RowOptions):
     """(rank, logp, lse, first non-finite row as a 0-d tensor), each of the targets' shape."""
-    if backend == "torch":
-        flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        rank, _, logp = reference.token_stats(flat, t, ignore_index, n_cols)
-        bad = reference.has_nonfinite_row(flat, t, ignore_index, n_cols) if check_finite else None
-        rank, logp = rank.view(targets.shape), logp.view(targets.shape)
-        first_bad = torch.tensor(-1 if bad is None else bad)
-    else:
-        rank, _, logp, first_bad = token_stats_op(logits, targets, ignore_index, n_cols, backend)
+    rank, _, logp, first_bad = token_stats_op(logits, targets, rows.ignore_index, rows.n_cols, rows.backend)
     # logp = z_t - lse, so lse comes back from one gather of the target logits (exact upcast).
     keep = rank >= 0
     z_t = logits.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1).to(logp.dtype)
     lse = torch.where(keep, z_t - logp, 0.0)
     return rank, logp, lse, first_bad
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The compensated loss's options, as they travel from the public function to the backward."""
+    lam: float
+    reduction: str
+    min_weight: Optional[float]
+    rows: RowOptions
 
 
 def _per_rank(rank, logp, n_cols):
@@ -167,52 +169,50 @@ class _CompensatedCrossEntropy(torch.autograd.Function):
     and three [N] vectors (lse, weights, and the normaliser)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, lam, ignore_index, n_cols, reduction, num_items,
-                min_weight, running, backend, check_finite):
-        rank, logp, lse, first_bad = _forward_stats(logits, targets, ignore_index, n_cols, backend,
-                                                    check_finite)
-        if check_finite:
+    def forward(ctx, logits, targets, opt: LossOptions, num_items, running):
+        rows = opt.rows
+        rank, logp, lse, first_bad = _forward_stats(logits, targets, rows)
+        if rows.check_finite:
             bad_row = int(first_bad)
             if bad_row >= 0:
                 raise nonfinite_error(bad_row, targets.shape)
         keep = rank >= 0
-        count, sum_logp = _per_rank(rank, logp, n_cols)
+        count, sum_logp = _per_rank(rank, logp, rows.n_cols)
         log_q, ratio = rank_ratio(count, sum_logp)           # the batch's own P and Q
         index = torch.where(keep, rank, 0)
         logp64 = logp.to(torch.float64)
         ratio_i = torch.where(keep, ratio[index], 0.0)
-        per_token = torch.where(keep, -logp64 + lam * ratio_i * (logp64 - log_q[index]), 0.0)
+        per_token = torch.where(keep, -logp64 + opt.lam * ratio_i * (logp64 - log_q[index]), 0.0)
         if running is not None:
             running.update(count, sum_logp)
             _, ratio = rank_ratio(running.count, running.sum_logp)
             ratio_i = torch.where(keep, ratio[index], 0.0)
-        weight = 1.0 - lam * ratio_i
-        if min_weight is not None:
-            weight = weight.clamp_min(min_weight)
+        weight = 1.0 - opt.lam * ratio_i
+        if opt.min_weight is not None:
+            weight = weight.clamp_min(opt.min_weight)
         weight = torch.where(keep, weight, 0.0)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        if reduction == "none":
+        if opt.reduction == "none":
             loss = per_token.to(out_dtype)
             denom = None
         else:
-            denom = num_items if num_items is not None else (keep.sum() if reduction == "mean" else None)
+            denom = num_items if num_items is not None else (keep.sum() if opt.reduction == "mean" else None)
             total = per_token.sum()
             loss = (total if denom is None else total / denom).to(out_dtype)
         ctx.save_for_backward(logits, targets, lse, weight)
         ctx.denom = denom
-        ctx.reduction = reduction
-        ctx.meta = (ignore_index, n_cols, backend)
+        ctx.rows = rows
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, lse, weight = ctx.saved_tensors
-        ignore_index, n_cols, backend = ctx.meta
+        rows = ctx.rows
         scale = weight * grad_loss.to(torch.float64)  # grad_loss: 0-d, or per token for "none"
         if ctx.denom is not None:
             scale = scale / ctx.denom
-        grad = softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, backend)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        grad = softmax_grad(logits, targets, lse, scale, rows.ignore_index, rows.n_cols, rows.backend)
+        return grad, None, None, None, None
 
 
 def compensated_cross_entropy(
@@ -252,11 +252,9 @@ def compensated_cross_entropy(
         >>> loss = rankops.compensated_cross_entropy(logits, labels, lam=0.3)
         >>> loss.backward()
     """
-    check_sync_options(check_finite, validate)
-    n_cols = check_inputs(logits, targets, ignore_index, vocab_size, validate)
-    _check_options(lam, reduction, num_items_in_batch, min_weight, running, n_cols)
-    backend = resolve_backend(backend, logits)
-    targets = targets.to(torch.int64).contiguous()
+    targets, rows = prepare(logits, targets, ignore_index=ignore_index, vocab_size=vocab_size,
+                            backend=backend, check_finite=check_finite, validate=validate)
+    _check_options(lam, reduction, num_items_in_batch, min_weight, running, rows.n_cols)
     if validate and reduction == "mean" and num_items_in_batch is None \
             and not bool((targets != ignore_index).any()):
         raise ValueError(f"targets: every token equals ignore_index={ignore_index}, so the mean "
@@ -264,8 +262,8 @@ def compensated_cross_entropy(
     num_items = num_items_in_batch
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.to(device=logits.device, dtype=torch.float64).reshape(())
-    return _CompensatedCrossEntropy.apply(logits, targets, float(lam), ignore_index, n_cols, reduction,
-                                          num_items, min_weight, running, backend, check_finite)
+    opt = LossOptions(float(lam), reduction, min_weight, rows)
+    return _CompensatedCrossEntropy.apply(logits, targets, opt, num_items, running)
 
 
 class CompensatedCrossEntropy(torch.nn.Module):

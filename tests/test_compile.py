@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import rankops
-from rankops.ops.token_stats import accumulate_op, token_stats_op
+from rankops.ops.accumulate import accumulate_op, new_state
+from rankops.ops.token_stats import token_stats_op
 from conftest import runs_on_host
 
 KERNEL_BACKENDS = [b for b in rankops.available_backends() if b != "torch" and runs_on_host(b)]
@@ -40,7 +41,8 @@ def test_accumulate_op_under_compile_mutates_stats(backend):
     targets = torch.randint(0, 257, (16,), generator=g)
 
     def add(stats):
-        return accumulate_op(logits, targets, -100, 257, backend, stats, False)
+        _, n_tied, n_skipped = new_state(257)
+        return accumulate_op(logits, targets, -100, 257, backend, False, False, stats, n_tied, n_skipped)
 
     eager_stats = torch.zeros(6, 257, dtype=torch.int64)
     add(eager_stats)

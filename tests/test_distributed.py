@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import rankops
 import rankops.cli
+import rankops.ops.vocab_parallel
 from rankops.accumulate import COUNT, COUNT_PESS
 
 WORLD = 2
@@ -167,7 +168,7 @@ def worker(rank, init_file, out_dir):
                             timeout=datetime.timedelta(seconds=60))  # a hang fails, late
     torch.set_num_threads(1)
     # Chunks of a few rows, so the row chunking is exercised.
-    rankops.distributed.CHUNK_ELEMENTS = 2000
+    rankops.ops.vocab_parallel.CHUNK_ELEMENTS = 2000
     got = {"vp": {}, "errors": {}}
 
     for name, (logits, targets, bounds, kwargs) in vocab_parallel_cases().items():

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rankops
-from rankops.ops.token_stats import BACKENDS
+from rankops.ops.common import BACKENDS
 
 from conftest import HOST_BACKENDS
 

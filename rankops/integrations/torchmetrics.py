@@ -21,10 +21,10 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
-from rankops.accumulate import RankAccumulator, normalize_carry
+from rankops.accumulate import RankAccumulator
 from rankops.decompose import TIE_MODES, Decomposition
-from rankops.distributed import all_reduce_tensor
-from rankops.ops.token_stats import BACKENDS, check_sync_options
+from rankops.ops import accumulate as state_ops
+from rankops.ops.common import BACKENDS, check_flags
 
 
 class CrossEntropyDecomposition(Metric):
@@ -44,6 +44,7 @@ class CrossEntropyDecomposition(Metric):
     (process_group, sync_on_compute, dist_sync_on_step, ...). A dist_sync_fn of your own
     selects torchmetrics' gather-then-sum sync; without one the states are all-reduced.
 
+    The states are the accumulator's (rankops.ops.accumulate), written by its functional core.
     Unlike torchmetrics' default forward, a forward() or update() that raises (bad input,
     non-finite logits) leaves the accumulated state as it was.
     """
@@ -56,47 +57,39 @@ class CrossEntropyDecomposition(Metric):
                  backend: str = "auto", check_finite: bool = True, validate: bool = True,
                  **kwargs):
         super().__init__(**kwargs)
-        probe = RankAccumulator(vocab_size, device="meta")  # checks vocab_size, allocates nothing
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if ties not in TIE_MODES:
             raise ValueError(f"ties must be one of {TIE_MODES}, got {ties!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        check_sync_options(check_finite, validate)
-        self.vocab_size = probe.vocab_size
+        check_flags(check_finite, validate)
+        self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.ties = ties
         self.backend = backend
         self.check_finite = check_finite
         self.validate = validate
-        # Rows as in rankops.accumulate (COUNT, SUM_HI, SUM_LO, and the tie-pessimistic three).
-        self.add_state("stats", torch.zeros(6, vocab_size, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("n_tied", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("n_skipped", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        stats, n_tied, n_skipped = state_ops.new_state(vocab_size)
+        self.add_state("stats", stats, dist_reduce_fx="sum")
+        self.add_state("n_tied", n_tied, dist_reduce_fx="sum")
+        self.add_state("n_skipped", n_skipped, dist_reduce_fx="sum")
 
-    def _accumulator(self) -> RankAccumulator:
-        """A RankAccumulator whose arrays are this metric's state tensors (shared, not copied)."""
-        acc = RankAccumulator(self.vocab_size, device="meta")  # device fixed: no silent moves
-        acc.stats, acc.n_tied, acc.n_skipped = self.stats, self.n_tied, self.n_skipped
-        return acc
+    def _state(self) -> tuple:
+        return self.stats, self.n_tied, self.n_skipped
 
-    def _add(self, acc: RankAccumulator) -> None:
-        self.stats = self.stats + acc.stats.to(self.stats.device)
-        self.n_tied = self.n_tied + acc.n_tied.to(self.stats.device)
-        self.n_skipped = self.n_skipped + acc.n_skipped.to(self.stats.device)
-        normalize_carry(self.stats)
-
-    def _add_batch(self, acc: RankAccumulator, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        # RankAccumulator.update adds nothing when it raises.
-        acc.update(logits, targets, ignore_index=self.ignore_index, backend=self.backend,
-                   check_finite=self.check_finite, validate=self.validate)
+    def _accumulate(self, state, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        # Adds nothing when it raises.
+        state_ops.accumulate(logits, targets, *state, ignore_index=self.ignore_index, backend=self.backend,
+                             check_finite=self.check_finite, validate=self.validate)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Adds a batch: logits [..., V] and targets [...] (ignore_index entries dropped)."""
-        acc = self._accumulator()
-        self._add_batch(acc, logits, targets)
-        self.stats, self.n_tied, self.n_skipped = acc.stats, acc.n_tied, acc.n_skipped
+        self._accumulate(self._state(), logits, targets)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
         """Adds the batch and returns the batch's own compute() dict.
@@ -108,20 +101,19 @@ class CrossEntropyDecomposition(Metric):
         if self._is_synced:
             raise TorchMetricsUserError("The metric is synced; call unsync() before forward().")
         with torch.no_grad():
-            batch = RankAccumulator(self.vocab_size, device=self.stats.device)
-            self._add_batch(batch, logits, targets)
-            self._add(batch)
+            batch = state_ops.new_state(self.vocab_size, self.stats.device)
+            self._accumulate(batch, logits, targets)
+            state_ops.merge_state(*self._state(), *batch)
             self._update_count += 1
             self._computed = None
             if self.dist_sync_on_step and self.distributed_available_fn():
-                batch.stats, batch.n_tied, batch.n_skipped = _all_reduce_sum(
-                    (batch.stats, batch.n_tied, batch.n_skipped), self.process_group)
-            self._forward_cache = _result_dict(batch, self.ties, self.stats.device)
+                batch = state_ops.all_reduce_state(*batch, self.process_group)
+            self._forward_cache = _result_dict(batch, self.ties)
         return self._forward_cache
 
     def compute(self) -> dict:
         """The global result so far, as a dict of 0-d tensors (see the class docstring)."""
-        return _result_dict(self._accumulator(), self.ties, self.stats.device)
+        return _result_dict(self._state(), self.ties)
 
     def decomposition(self, ties: Optional[str] = None) -> Decomposition:
         """The rankops.Decomposition of everything accumulated (over all processes under DDP,
@@ -131,7 +123,7 @@ class CrossEntropyDecomposition(Metric):
         with self.sync_context(dist_sync_fn=self.dist_sync_fn,
                                should_sync=self._to_sync and not synced_by_caller,
                                should_unsync=not synced_by_caller):
-            return self._accumulator().decompose(ties)
+            return state_ops.decompose_state(self.stats, self.n_skipped, ties)
 
     def merge_state(self, incoming_state: Union[dict, Metric, RankAccumulator]) -> None:
         """Adds another CrossEntropyDecomposition's state, a dict of states ("stats",
@@ -154,16 +146,10 @@ class CrossEntropyDecomposition(Metric):
                              f"metric {self.vocab_size}")
         if not incoming_state.get("ties_known", True):
             raise ValueError("incoming_state has no tie counts (update_stats() without ties)")
-        stats = incoming_state["stats"]
-        if not isinstance(stats, torch.Tensor) or stats.dtype != torch.int64 \
-                or tuple(stats.shape) != (6, self.vocab_size):
-            raise ValueError(f"incoming_state['stats'] must be an int64 tensor of shape "
-                             f"(6, {self.vocab_size})")
-        other = RankAccumulator(self.vocab_size, device="meta")
-        other.stats = stats
-        other.n_tied = torch.as_tensor(incoming_state["n_tied"], dtype=torch.int64)
-        other.n_skipped = torch.as_tensor(incoming_state.get("n_skipped", 0), dtype=torch.int64)
-        self._add(other)
+        other = (incoming_state["stats"], torch.as_tensor(incoming_state["n_tied"], dtype=torch.int64),
+                 torch.as_tensor(incoming_state.get("n_skipped", 0), dtype=torch.int64))
+        state_ops.check_state_tensors(*other, self.vocab_size, where="incoming_state")
+        state_ops.merge_state(*self._state(), *other)
         self._computed = None
 
     def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:
@@ -172,10 +158,10 @@ class CrossEntropyDecomposition(Metric):
         torchmetrics' gather path."""
         if dist_sync_fn not in (None, gather_all_tensors):
             super()._sync_dist(dist_sync_fn, process_group=process_group)
-            normalize_carry(self.stats)
+            state_ops.normalize_carry(self.stats)
             return
-        self.stats, self.n_tied, self.n_skipped = _all_reduce_sum(
-            (self.stats, self.n_tied, self.n_skipped), process_group or self.process_group)
+        self.stats, self.n_tied, self.n_skipped = state_ops.all_reduce_state(
+            *self._state(), process_group or self.process_group)
 
     def set_dtype(self, dst_type) -> "CrossEntropyDecomposition":
         """Does nothing: the state is exact integer fixed point and the results float64."""
@@ -185,22 +171,9 @@ class CrossEntropyDecomposition(Metric):
         return f"vocab_size={self.vocab_size}, ties={self.ties!r}"
 
 
-def _all_reduce_sum(states, group) -> tuple:
-    """Sums int64 tensors over the group's processes with a single all_reduce of one packed
-    buffer; returns new tensors (the inputs are left as they were)."""
-    flat = torch.cat([s.reshape(-1) for s in states])
-    flat = all_reduce_tensor(flat, "sum", group, flat.device)  # on the group's device (nccl: a GPU)
-    out, start = [], 0
-    for s in states:
-        out.append(flat[start:start + s.numel()].view(s.shape))
-        start += s.numel()
-    # Each process's lo words are < 2^32, so their sum fits int64 until 2^31 processes.
-    normalize_carry(out[0])
-    return tuple(out)
-
-
-def _result_dict(acc: RankAccumulator, ties: str, device: torch.device) -> dict:
-    d = acc.decompose(ties)
+def _result_dict(state, ties: str) -> dict:
+    stats, n_tied, n_skipped = state
+    d = state_ops.decompose_state(stats, n_skipped, ties)
     values = {
         "cross_entropy": d.cross_entropy,
         "error_entropy": d.error_entropy,
@@ -210,8 +183,9 @@ def _result_dict(acc: RankAccumulator, ties: str, device: torch.device) -> dict:
         "error_entropy_magnitude_share": d.error_entropy_magnitude_share,
         "top1_accuracy": d.top1_accuracy,
         "mean_reciprocal_rank": d.mean_reciprocal_rank,
-        "tie_rate": acc.tie_rate,
+        "tie_rate": int(n_tied) / max(d.n_tokens, 1),
     }
+    device = stats.device
     out = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in values.items()}
     out["n_tokens"] = torch.tensor(d.n_tokens, dtype=torch.int64, device=device)
     return out

@@ -63,7 +63,13 @@ def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, grad_ptr, stride_r
     _store_rounded(grad_ptr + row * row_len + cols, g, in_row, OUT)
 
 
-def launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+def launch(logits, targets, lse, scale, ignore_index, n_cols, grad):  # TEMPORARY adapter
+    flat = logits.reshape(-1, logits.shape[-1])
+    _launch(flat, targets.reshape(-1), lse.reshape(-1), scale.reshape(-1), ignore_index, n_cols,
+            grad.view(flat.shape))
+
+
+def _launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
            ignore_index: int, n_cols: int, grad: torch.Tensor):
     """logits [N, V] (any strides), targets [N] int64, lse and scale [N] float32 (contiguous);
     writes grad [N, V] (contiguous, the logits' dtype) in place."""

@@ -126,7 +126,16 @@ def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, igno
         tl.atomic_add(stats_ptr + 5 * hist_len + kp, lo, mask=ok)
 
 
-def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
+def launch(logits, targets, ignore_index, n_cols, *, target_logit=None, stats=None, rows=None,
+           logp_scale=None, logp_limit=None):  # TEMPORARY adapter until the kernel rewrite lands
+    if target_logit is not None:
+        raise NotImplementedError("target_logit")
+    flat = logits.reshape(-1, logits.shape[-1])
+    r, t, lp, bad = _launch(flat, targets.reshape(-1), ignore_index, n_cols, stats)
+    return r.view(targets.shape), t.view(targets.shape), lp.view(targets.shape), bad.view(targets.shape)
+
+
+def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
            stats=None):
     """logits [N, V] (any strides), targets [N] int64 contiguous; with stats ([6, V] int64, the
     accumulator's layout) also adds every kept token with a finite logp to it. Returns per-row

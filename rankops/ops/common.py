@@ -1,0 +1,184 @@
+"""The seam every op goes through: input checks, backend choice, and the options that travel
+with a call (docs/DESIGN.md, "Layers").
+
+A public op (token_stats, accumulate, softmax_grad, the compensated loss) calls `prepare` once;
+it checks the arguments, resolves the backend and returns the targets as contiguous int64 with
+one `RowOptions`. The torch.library ops below it take those options as plain scalars.
+"""
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rankops import _ext
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """What every op needs to know about its rows besides the tensors themselves.
+
+    n_cols: the columns that count (vocab_size truncation applied). backend: resolved, never
+    "auto". check_finite / validate: see rankops.token_stats."""
+    ignore_index: int
+    n_cols: int
+    backend: str
+    check_finite: bool
+    validate: bool
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_usable() -> bool:
+    # Triton runs on CUDA devices, and on the CPU under its interpreter (TRITON_INTERPRET=1).
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or triton_interpreted()
+
+
+def available_backends() -> list:
+    """The backends this installation can run here, fastest first ("torch" is always present).
+
+    "cuda": the CUDA kernels, when built and a GPU is present. "triton": the Triton kernels, on
+    a GPU or under TRITON_INTERPRET=1 (then on CPU tensors). "cpu": the C++ kernel."""
+    names = []
+    if _ext.has_cuda_kernel() and torch.cuda.is_available():
+        names.append("cuda")
+    if _triton_usable():
+        names.append("triton")
+    if _ext.has_cpu_kernel():
+        names.append("cpu")
+    names.append("torch")
+    return names
+
+
+def check_flags(check_finite, validate) -> None:
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {validate!r}")
+    if check_finite and not validate:
+        raise ValueError("check_finite=True needs validate=True (finding non-finite logits on a GPU "
+                         "synchronises); pass check_finite=False as well for sync-free use")
+
+
+def check_inputs(logits, targets, ignore_index, vocab_size) -> int:
+    """Checks the tensors' types, shapes and devices; returns the number of columns that count.
+
+    The targets' range is checked separately (check_target_range), since on a GPU it syncs."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"logits dtype {logits.dtype} is not supported; use float32, bfloat16, "
+                        "float16 or float64")
+    if logits.layout != torch.strided or logits.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"logits must be a dense (strided) tensor on a CPU or CUDA device, got "
+                        f"layout {logits.layout} on {logits.device}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [N, V] or [..., V], got shape {tuple(logits.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of class indices, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but logits of shape "
+                         f"{tuple(logits.shape)} need targets of shape {tuple(logits.shape[:-1])}")
+    if targets.device != logits.device:
+        raise ValueError(f"logits and targets must be on the same device, got logits on "
+                         f"{logits.device} and targets on {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    n_vocab = logits.shape[-1]
+    if n_vocab == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    if targets.numel() == 0:
+        raise ValueError(f"empty input: logits of shape {tuple(logits.shape)} hold no tokens")
+    if vocab_size is None:
+        return n_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {vocab_size!r}")
+    if not 1 <= vocab_size <= n_vocab:
+        raise ValueError(f"vocab_size must be in [1, {n_vocab}] (the logits' last dimension), "
+                         f"got {vocab_size}")
+    return vocab_size
+
+
+def check_target_range(targets: torch.Tensor, ignore_index: int, n_cols: int) -> None:
+    """Raises if a target is outside [0, n_cols) and not ignore_index (a device sync on a GPU)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_cols))
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
+                         f"found {int(targets[pos])} at position {pos}")
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    """The backend that will run: "auto" becomes the fastest available for the logits."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    available = available_backends()
+    on_gpu = logits.device.type == "cuda"
+    if backend == "auto":
+        if logits.dtype not in KERNEL_DTYPES:
+            return "torch"
+        for name in (("cuda", "triton") if on_gpu else ("cpu",)):
+            if name in available:
+                return name
+        return "torch"
+    if backend not in available:
+        raise ValueError(f"backend {backend!r} is not available in this installation "
+                         f"(available: {available})")
+    if backend != "torch" and logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend {backend!r} supports float32, bfloat16 and float16 logits, got "
+                        f"{logits.dtype}; use backend='torch' for float64")
+    if backend == "cpu" and logits.device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got logits on {logits.device}")
+    if backend == "cuda" and not on_gpu:
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got logits on {logits.device}")
+    if backend == "triton" and not on_gpu and not (logits.device.type == "cpu" and triton_interpreted()):
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors under "
+                         f"TRITON_INTERPRET=1), got logits on {logits.device}")
+    return backend
+
+
+def prepare(logits, targets, *, ignore_index: int, vocab_size: Optional[int], backend: str,
+            check_finite: bool, validate: bool):
+    """Every check an op's arguments need, in one place; returns (targets as contiguous int64,
+    RowOptions). With validate=False the targets' range is left to the kernels, which treat an
+    out-of-range target as an ignored row (the C++ kernel raises: checking costs no sync there)."""
+    check_flags(check_finite, validate)
+    n_cols = check_inputs(logits, targets, ignore_index, vocab_size)
+    backend = resolve_backend(backend, logits)
+    if validate:
+        check_target_range(targets, ignore_index, n_cols)
+    targets = targets.to(torch.int64).contiguous()
+    return targets, RowOptions(ignore_index, n_cols, backend, check_finite, validate)
+
+
+def row_position(row: int, lead_shape) -> tuple:
+    """The index, in the targets' shape, of flat row `row`."""
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(lead_shape)))
+
+
+def nonfinite_error(row: int, lead_shape) -> ValueError:
+    pos = row_position(row, lead_shape)
+    return ValueError(f"logits contain a non-finite value (NaN or +-inf) in the row at position "
+                      f"{pos}; pass check_finite=False to compute with IEEE semantics anyway")
+
+
+def first_flagged_row(flags: torch.Tensor) -> torch.Tensor:
+    """0-d int64 on flags' device: the first flat row with a nonzero flag, or -1. No host sync."""
+    n = flags.numel()
+    rows = torch.arange(n, device=flags.device)
+    first = torch.where(flags.reshape(-1) != 0, rows, n).min() if n else torch.tensor(n, device=flags.device)
+    return torch.where(first == n, -1, first)
