@@ -47,6 +47,10 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 
+# budget RESERVE: seconds a step may take so that the call ends by 570 s (the device's limit is
+# 600), leaving RESERVE seconds for the steps after it; at least 60.
+budget() { local b=$(( 570 - ($(date +%s) - T0) - $1 )); [ $b -lt 60 ] && b=60; echo $b; }
+[ $DRY = 1 ] && budget() { echo 900; }
 say() { echo "[gpu_suite +$(( $(date +%s) - T0 ))s] $*"; }
 status() { sed -i "/^$1:/d" "$STATUS"; echo "$1: $2" >> "$STATUS"; say "$1: $2"; }
 # step NAME LIMIT_S CMD...: runs CMD with its output in $LOGS/NAME.log (and on the console),
@@ -119,7 +123,7 @@ build() {
   # sm_90 only; the .so is also copied into the source tree, which is what `import rankops`
   # finds from the repository root (the tests and benchmarks run from there).
   export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) RANKOPS_CUDA=ON
-  if step build 400 "$PY" -m pip install -v --no-build-isolation --no-deps --no-cache-dir \
+  if step build 300 "$PY" -m pip install -v --no-build-isolation --no-deps --no-cache-dir \
        -C cmake.define.RANKOPS_CUDA_ARCHITECTURES=90 . ; then
     site_so=$(cd / && "$PY" -c "import rankops._C as c; print(c.__file__)")
     cp "$site_so" rankops/
@@ -156,17 +160,17 @@ PYEOF
   else
     local par=()
     "$PY" -c "import xdist" 2>/dev/null && par=(-n 8 --dist loadfile)
-    RANKOPS_EXPECT_CUDA=1 step pytest 420 "$PY" -m pytest tests -q -p no:cacheprovider "${par[@]}" \
+    RANKOPS_EXPECT_CUDA=1 step pytest $(budget 150) "$PY" -m pytest tests -q -p no:cacheprovider "${par[@]}" \
         --durations=25 --junitxml="$LOGS/pytest.xml" \
       && status pytest "ok: $(tail -1 "$LOGS/pytest.log")" || status pytest "FAIL: $(tail -1 "$LOGS/pytest.log")"
   fi
-  step sanitizer 240 "${SANITIZE[@]}" && status sanitizer "ok: $(grep -c '^ok' "$LOGS/sanitizer.log") cases, $(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log" || echo 'no sanitizer (dry run)')" \
+  step sanitizer $(budget 20) "${SANITIZE[@]}" && status sanitizer "ok: $(grep -c '^ok' "$LOGS/sanitizer.log") cases, $(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log" || echo 'no sanitizer (dry run)')" \
     || status sanitizer "FAIL: see sanitizer.log"
 }
 
 bench_tokens() {
   local out="$STATE/results/token_stats_$SUFFIX.jsonl"; rm -f "$out"
-  step bench_token_stats 360 "$PY" bench/bench_token_stats.py "${TS_ARGS[@]}" --json "$out" \
+  step bench_token_stats $(budget 120) "$PY" bench/bench_token_stats.py "${TS_ARGS[@]}" --json "$out" \
     && status bench_token_stats "ok: $(wc -l < "$out") rows" || status bench_token_stats "FAIL: see bench_token_stats.log"
 }
 
@@ -179,14 +183,14 @@ bench_eval() {
   local corpus=austen
   "$PY" -c "from rankops.eval.corpora import builtin_corpora as b; import sys; sys.exit(0 if [c for c in b() if c['name'] == 'austen' and c['available']] else 1)" \
     || corpus=cpython-stdlib
-  step bench_eval_overhead 240 "$PY" bench/bench_eval_overhead.py "${EV_ARGS[@]}" --corpus $corpus --json "$out" \
+  step bench_eval_overhead $(budget 20) "$PY" bench/bench_eval_overhead.py "${EV_ARGS[@]}" --corpus $corpus --json "$out" \
     && status bench_eval_overhead "ok ($corpus): $(tail -1 "$LOGS/bench_eval_overhead.log" | cut -c1-160)" \
     || status bench_eval_overhead "FAIL: see bench_eval_overhead.log"
 }
 
 bench_grad() {
   local out="$STATE/results/compensated_cross_entropy_$SUFFIX.jsonl"; rm -f "$out"
-  step bench_compensated 300 "$PY" bench/bench_compensated_cross_entropy.py "${CE_ARGS[@]}" --json "$out" \
+  step bench_compensated $(budget 20) "$PY" bench/bench_compensated_cross_entropy.py "${CE_ARGS[@]}" --json "$out" \
     && status bench_compensated "ok: $(wc -l < "$out") rows" || status bench_compensated "FAIL: see bench_compensated.log"
 }
 
