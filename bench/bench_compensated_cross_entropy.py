@@ -16,6 +16,11 @@ Candidates (lam = 0.3 for rankops; the baselines compute plain cross-entropy):
   torch-compiled     F.cross_entropy under torch.compile (GPU only)
   liger              Liger-Kernel's fused cross-entropy (GPU, if installed)
 
+Then the backward pass alone, per kernel backend (rows with op "softmax_grad"): the compensated
+loss's backward (its per-row weights, then the softmax_grad kernel: one read of the logits, one
+write of the gradient) against a device-to-device copy of the logits, both counted as read +
+write bytes, so grad_frac = 1 would be copy speed (the GPU issue's target: >= 0.9).
+
     python bench/bench_compensated_cross_entropy.py
     python bench/bench_compensated_cross_entropy.py --device cuda --json bench/results/compensated_cross_entropy_cuda.jsonl
 """
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import rankops
-from bench_token_stats import DTYPES, _fmt, environment, time_interleaved
+from bench_token_stats import DTYPES, _fmt, environment, l2_flush, time_interleaved
 
 LAM = 0.3
 DEFAULTS = {"cpu": ([2048], [50304, 128256]), "cuda": ([4096, 16384], [50304, 128256, 151936])}
@@ -48,7 +53,7 @@ def make_case(n_rows, n_vocab, dtype, device, seed=0):
     return logits, targets
 
 
-def candidates(device, backends):
+def candidates(device, backends, compile_backend="inductor"):
     """name -> fn(logits_leaf, targets) running forward and backward."""
     sync_free = dict(check_finite=False, validate=False) if device == "cuda" else {}
     fns = {}
@@ -57,9 +62,10 @@ def candidates(device, backends):
             x, t, LAM, backend=b, **sync_free).backward())(b)
     fns["torch"] = lambda x, t: F.cross_entropy(x, t).backward()
     fns["torch-fp32"] = lambda x, t: F.cross_entropy(x.float(), t).backward()
-    if device == "cuda":
-        compiled = torch.compile(F.cross_entropy)
+    if device == "cuda" or compile_backend != "inductor":
+        compiled = torch.compile(F.cross_entropy, backend=compile_backend, dynamic=False)
         fns["torch-compiled"] = lambda x, t: compiled(x, t).backward()
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
             fns["liger"] = lambda x, t: liger_cross_entropy(x, t).backward()
@@ -138,6 +144,32 @@ def peak_extra_mb(device, name, fn, logits, targets, backends):
     return round(queue.get(timeout=5), 1) if proc.exitcode == 0 else None
 
 
+def time_softmax_grad(device, backends, logits, targets, repeat, flush, env, dtype_name):
+    """The backward pass alone (the compensated loss's per-row weights and the softmax_grad
+    kernel) against a copy of the logits; returns one row per backend."""
+    sync_free = dict(check_finite=False, validate=False) if device == "cuda" else {}
+    n_rows, n_vocab = logits.shape
+    nbytes = logits.numel() * logits.element_size()
+    scratch = torch.empty_like(logits)
+    fns = {"copy": lambda: scratch.copy_(logits)}
+    for b in backends:
+        x = logits.detach().requires_grad_(True)  # a new leaf on the same storage
+        loss = rankops.compensated_cross_entropy(x, targets, LAM, backend=b, **sync_free)
+        fns[b] = (lambda loss, x: lambda: torch.autograd.grad(loss, x, retain_graph=True))(loss, x)
+    ms = time_interleaved(fns, repeat, device, flush)
+    copy_gbps = 2 * nbytes / 1e6 / ms["copy"]
+    rows = []
+    for b in backends:
+        moved = 2 * nbytes + n_rows * (8 + 4 + 4)  # logits in, gradient out; targets, lse, scale
+        gbps = moved / 1e6 / ms[b]
+        rows.append(dict(env, op="softmax_grad", backend=b, device=device, dtype=dtype_name, N=n_rows,
+                         V=n_vocab, ms=round(ms[b], 4), bytes=moved, gbps=round(gbps, 2),
+                         copy_gbps=round(copy_gbps, 2), grad_frac=round(gbps / copy_gbps, 3)))
+        print(f"softmax_grad {b:<8} {dtype_name:<5} {n_rows:>6} {n_vocab:>7} {ms[b]:>9.3f} ms "
+              f"{gbps:>8.1f} GB/s = {gbps / copy_gbps:.2f} of copy ({copy_gbps:.1f} GB/s)", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -145,13 +177,19 @@ def main():
     p.add_argument("--n", nargs="+", type=int, default=None)
     p.add_argument("--v", nargs="+", type=int, default=None)
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 7 CPU, 25 CUDA)")
+    p.add_argument("--backends", nargs="+", default=None, help="default: every available one on the device but torch")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend for torch-compiled (on a CPU: only when not inductor)")
+    p.add_argument("--no-cpu-memory", action="store_true",
+                   help="skip the CPU peak-memory measurement (a fresh process per candidate)")
     p.add_argument("--json", metavar="PATH", help="append the rows as JSON lines to PATH")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     repeat = args.repeat or (25 if args.device == "cuda" else 7)
     on_device = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}[args.device]
-    backends = [b for b in rankops.available_backends() if b in on_device]
+    backends = args.backends or [b for b in rankops.available_backends() if b in on_device]
+    flush = l2_flush(args.device)
     # torch's own switch for 2 MB pages in its CPU allocator: it changes what a fresh [N, V]
     # gradient costs (page faults), so it is recorded with the rows.
     env = dict(environment(args.device), THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
@@ -162,9 +200,10 @@ def main():
     for dtype_name in args.dtypes:
         for n_vocab in args.v or DEFAULTS[args.device][1]:
             for n_rows in args.n or DEFAULTS[args.device][0]:
+                torch._dynamo.reset()  # static shapes per case, no recompile limit across cases
                 logits, targets = make_case(n_rows, n_vocab, DTYPES[dtype_name], args.device)
                 check(backends, logits, targets)
-                fns = candidates(args.device, backends)
+                fns = candidates(args.device, backends, args.compile_backend)
                 leaves = {name: logits.detach().clone().requires_grad_(True) for name in fns}
 
                 def timed(name, fn):
@@ -173,7 +212,7 @@ def main():
                         fn(leaves[name], targets)
                     return call
 
-                ms = time_interleaved({name: timed(name, fn) for name, fn in fns.items()}, repeat, args.device)
+                ms = time_interleaved({name: timed(name, fn) for name, fn in fns.items()}, repeat, args.device, flush)
                 del leaves
                 grad_mb = round(logits.numel() * logits.element_size() / 2**20, 1)
                 rows = []
@@ -184,13 +223,15 @@ def main():
                                speedup_vs_torch_fp32=round(ms["torch-fp32"] / ms[name], 2),
                                speedup_vs_compiled=round(ms["torch-compiled"] / ms[name], 2) if "torch-compiled" in ms else None,
                                speedup_vs_liger=round(ms["liger"] / ms[name], 2) if "liger" in ms else None,
-                               peak_extra_mb=peak_extra_mb(args.device, name, fn, logits, targets, backends),
+                               peak_extra_mb=None if args.device == "cpu" and args.no_cpu_memory else
+                               peak_extra_mb(args.device, name, fn, logits, targets, backends),
                                grad_mb=grad_mb)
                     rows.append(row)
                     print(f"{name:<16} {dtype_name:<5} {n_rows:>6} {n_vocab:>7} {ms[name]:>9.2f} "
                           f"{row['speedup_vs_torch']:>8g} {row['speedup_vs_torch_fp32']:>8g} "
                           f"{_fmt(row['speedup_vs_compiled']):>11} {_fmt(row['speedup_vs_liger']):>8} "
                           f"{_fmt(row['peak_extra_mb']):>8} {grad_mb:>8g}", flush=True)
+                rows += time_softmax_grad(args.device, backends, logits, targets, repeat, flush, env, dtype_name)
                 if args.json:  # case by case, so an interrupted run keeps what it measured
                     with open(args.json, "a") as f:
                         for row in rows:
