@@ -185,7 +185,7 @@ def triton_row_max(logits):
 
 def serving_rank(logits, targets, ignore_index: int = -100):
     """The rank serving engines report: 1-based, greater-or-equal, on fp32 log-probabilities
-    (DESIGN.md: rank + ties + 1 on the logits, except where two logits round to one logprob)."""
+    (docs/DESIGN.md: rank + ties + 1 on the logits, except where two logits round to one logprob)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     keep = targets != ignore_index
     target_lp = logprobs.gather(-1, torch.where(keep, targets, 0)[:, None])

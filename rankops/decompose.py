@@ -1,4 +1,4 @@
-"""The exact decomposition CE = EE + SA - Conf (Zhan et al., arXiv 2510.04067, DESIGN.md 1).
+"""The exact decomposition CE = EE + SA - Conf (Zhan et al., arXiv 2510.04067; docs/DESIGN.md, "Definitions").
 
 Over the N kept tokens, with n_k tokens of rank k and L_k the sum of their logp:
     P(k) = n_k / N,   S(k) = exp(L_k / n_k),   Z = sum_k S(k),   Q(k) = S(k) / Z

@@ -1,4 +1,4 @@
-"""Scaling-law fits for the decomposition's terms (DESIGN.md 1, "Power laws").
+"""Scaling-law fits for the decomposition's terms (docs/DESIGN.md, "Power laws").
 
 The paper's fit (Zhan et al., "What Scales in Cross-Entropy Scaling Law?", arXiv 2510.04067):
 for a metric M over models of X non-embedding parameters, ordinary least squares on

@@ -1,6 +1,6 @@
 """The compensated training loss of the paper (section 6.2): L = CE + lam * Conf.
 
-Over a batch of N kept tokens with ranks k_i and log-probabilities logp_i (DESIGN.md section 1),
+Over a batch of N kept tokens with ranks k_i and log-probabilities logp_i (docs/DESIGN.md, "Definitions"),
 with n_k the tokens of rank k, P(k) = n_k / N, S(k) = exp(mean logp of rank k), Z = sum_k S(k)
 and Q(k) = S(k) / Z:
 

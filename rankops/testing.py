@@ -1,6 +1,6 @@
 """Known-answer inputs for checking an installation, a backend or a new kernel.
 
-known_answer_case() builds DESIGN.md's known-answer case; KNOWN_ANSWER holds its expected
+known_answer_case() builds docs/DESIGN.md's known-answer case; KNOWN_ANSWER holds its expected
 values, computed independently in float64 from the definitions.
 """
 import torch
@@ -16,7 +16,7 @@ KNOWN_ANSWER = {
 
 
 def known_answer_case(dtype: torch.dtype = torch.float32):
-    """logits [512, 1000] and targets [512] of DESIGN.md's known-answer case.
+    """logits [512, 1000] and targets [512] of docs/DESIGN.md's known-answer case.
 
     z[t, v] = 4 cos(0.37 (t+1)(v+1)) + 2 sin(0.011 v ((t mod 7) + 1)) - 0.002 v, in float64,
     then cast to float32 (and then to dtype). Targets: (37 t + 11) mod V, then the row's argmax

@@ -23,7 +23,7 @@ ARRAYS = ("count", "sum_logp", "count_pessimistic", "sum_logp_pessimistic")
 # Per-bin sums of at most a few hundred same-sign float64 terms, regrouped (chunks, merges,
 # bincount vs a serial loop): the reassociation error is <= n * 2^-53 relative ~ 1e-13.
 SUM_RTOL = 1e-12
-# DESIGN.md allows the per-rank sums in "exact fixed point"; rankops keeps 40 fractional bits,
+# docs/DESIGN.md allows the per-rank sums in "exact fixed point"; rankops keeps 40 fractional bits,
 # so each token's logp may be rounded by half a quantum, 2^-41 (exactly representable fp32
 # values of magnitude >= 2^-16 are not rounded at all).
 HALF_QUANTUM = 2.0 ** -41

@@ -1,6 +1,6 @@
 """compensated_cross_entropy: L = CE + lam * Conf, its gradient, and its transformers adapter.
 
-The truth is an independent float64 implementation of the formulas in DESIGN.md (loss) and in
+The truth is an independent float64 implementation of the formulas in docs/DESIGN.md (loss) and in
 rankops/loss.py (per-token terms): ranks by direct comparison, P, Q and Z by a Python loop over
 the ranks. Finite differences (torch.autograd.gradcheck, float64) check that the analytic
 gradient is the derivative of the value.

@@ -1,7 +1,7 @@
-"""rankops.decompose / decompose_counts: CE = EE + SA - Conf (DESIGN.md section 1).
+"""rankops.decompose / decompose_counts: CE = EE + SA - Conf (docs/DESIGN.md, "Definitions").
 
 Truth here is computed in the test itself, in float64 from the per-token definitions (a hand-worked
-case, an independent math.fsum implementation, and DESIGN.md's known-answer case), never by
+case, an independent math.fsum implementation, and docs/DESIGN.md's known-answer case), never by
 running the code under test.
 """
 import json
@@ -19,7 +19,7 @@ import rankops
 # from log n_k, log N, log S(k) and log Z. Where those intermediates are no larger than the
 # components (every case below but test_identity_extreme_counts, which says why it differs),
 # the error is a few hundred ulps of |EE| + |SA| + |Conf| at most: 1e-12 relative to that scale
-# (DESIGN.md's contract) leaves ~1e3x margin. Relative to CE alone it cannot hold when CE is
+# (docs/DESIGN.md's contract) leaves ~1e3x margin. Relative to CE alone it cannot hold when CE is
 # tiny and the components cancel (logp ~ -1e-7 for nearly every token), so the scale is
 # max(|CE|, |EE| + |SA| + |Conf|).
 REL = 1e-12
@@ -37,7 +37,7 @@ def assert_identity(d):
 
 
 def reference_decomposition(rank, logp):
-    """Independent float64 decomposition straight from DESIGN.md section 1 (python + math.fsum).
+    """Independent float64 decomposition straight from docs/DESIGN.md, "Definitions" (python + math.fsum).
 
     rank: int array (-1 = ignored), logp: float array of one shape. Returns a dict."""
     rank = np.asarray(rank).reshape(-1).tolist()
@@ -285,7 +285,7 @@ def test_single_rank_has_zero_entropy_and_alignment():
 
 
 # --------------------------------------------------------------------------------------------
-# DESIGN.md's known-answer case
+# docs/DESIGN.md's known-answer case
 # --------------------------------------------------------------------------------------------
 
 KNOWN = dict(distinct_ranks=244, rank_sum=130316, cross_entropy=7.082532203024,
@@ -297,7 +297,7 @@ KNOWN_ABS = 1e-12
 
 
 def known_answer_case():
-    """(logits [512, 1000] float32, targets [512] int64) exactly as DESIGN.md section 1 says."""
+    """(logits [512, 1000] float32, targets [512] int64) exactly as docs/DESIGN.md, "Definitions" says."""
     T, V = 512, 1000
     t = np.arange(T, dtype=np.float64)[:, None]
     v = np.arange(V, dtype=np.float64)[None, :]
@@ -317,7 +317,7 @@ def known_answer_case():
 
 def test_library_known_answer_case_matches_design():
     # rankops.testing ships the same case for `python -m rankops` self-checks: it must be the
-    # case DESIGN.md describes, with DESIGN.md's numbers.
+    # case docs/DESIGN.md describes, with docs/DESIGN.md's numbers.
     from rankops.testing import KNOWN_ANSWER, known_answer_case as library_case
     z32, y = known_answer_case()
     lib_z, lib_y = library_case()
@@ -410,7 +410,7 @@ def test_known_answer_through_accumulator(backend):
     acc = rankops.RankAccumulator(1000)
     if backend == "torch":
         acc.update(z32.double(), y, backend="torch")
-        # The accumulator keeps logp sums in fixed point with 40 fractional bits (DESIGN.md
+        # The accumulator keeps logp sums in fixed point with 40 fractional bits (docs/DESIGN.md
         # allows it): each float64 logp is rounded by <= 2^-41, which moves CE and Conf by at
         # most that and SA by at most 2^-40 (the argument of test_known_answer_cpu_kernel).
         assert_known(acc.decompose(), slack=2.0 ** -40)

@@ -1,6 +1,6 @@
 """token_stats: every backend against the torch reference and against float64 truth.
 
-Truth is computed here in numpy float64 from the definitions of DESIGN.md section 1:
+Truth is computed here in numpy float64 from the definitions of docs/DESIGN.md, "Definitions":
 rank = #{v : z_v > z_t}, ties = #{v != t : z_v == z_t}, logp = z_t - logsumexp(z). Upcasting
 bf16/fp16/fp32 to float64 is exact, so the truth's order and ties are those of the raw dtype.
 Ranks and ties are integers and compared exactly.
