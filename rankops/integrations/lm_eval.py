@@ -66,6 +66,16 @@ class _Batch:
     next_row: int = 0
 
 
+# HFLM's private methods this adapter overrides, with the signatures it was written against
+# (lm-eval 0.4.13, the range pinned in pyproject.toml; tests/test_lm_eval.py checks both).
+# lm-eval offers no public hook to the logits of its rolling log-likelihood loop.
+PRIVATE_HFLM_OVERRIDES = {
+    "_loglikelihood_tokens": ("self", "requests", "disable_tqdm", "override_bs"),
+    "_model_call": ("self", "inps", "attn_mask", "labels"),
+    "_select_cont_toks": ("self", "logits", "contlen", "inplen"),
+}
+
+
 @register_model("hf-rankops")
 class RankopsHFLM(HFLM):
     """lm-eval's `hf` model that also decomposes the cross-entropy of rolling log-likelihood
