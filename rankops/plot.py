@@ -9,6 +9,7 @@ Each is written only when the results hold what it needs (a checkpoint series fo
 three, two or more model sizes for the last two).
 """
 import functools
+import io
 from pathlib import Path
 from typing import Dict, List
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from rankops.accumulate import RankAccumulator
+from rankops.atomic import write_atomic
 from rankops.fit import fit_power_law
 from rankops.scaling import COMPONENTS, final_points, run_of
 
@@ -34,7 +36,9 @@ def _save(fig, out_dir: Path, name: str) -> List[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
+        write_atomic(path, buf.getvalue())
         paths.append(path)
     _plt().close(fig)
     return paths

@@ -1,7 +1,8 @@
 """Known-answer inputs for checking an installation, a backend or a new kernel.
 
 known_answer_case() builds docs/DESIGN.md's known-answer case; KNOWN_ANSWER holds its expected
-values, computed independently in float64 from the definitions.
+values, computed independently in float64 from the definitions; selfcheck() checks every
+available backend against them (`rankops selfcheck`, `python -m rankops`).
 """
 import torch
 
@@ -33,3 +34,33 @@ def known_answer_case(dtype: torch.dtype = torch.float32):
     targets = torch.where(rows % 3 == 0, order[:, 0], targets)
     targets = torch.where(rows % 5 == 1, order[:, 1], targets)
     return z.to(dtype), targets
+
+
+COMPONENTS = ("cross_entropy", "error_entropy", "self_alignment", "confidence")
+
+
+def selfcheck() -> bool:
+    """Checks this installation against the known-answer case on every available backend
+    (`rankops selfcheck`, `python -m rankops`); prints each decomposition, returns True if all pass."""
+    import rankops
+    logits, targets = known_answer_case()
+    print(f"rankops {rankops.__version__}, torch {torch.__version__}, "
+          f"backends: {', '.join(rankops.available_backends())}")
+    # float64 logp of the float32 logits reproduces the float64 expectations to ~1e-12;
+    # the kernels' float32 logp carry fp32 rounding (about 1e-7 relative per token).
+    cases = [("torch", torch.float64, 1e-10)]
+    cases += [(b, torch.float32, 1e-5) for b in rankops.available_backends()]
+    ok = True
+    for backend, dtype, tol in cases:
+        acc = rankops.RankAccumulator(logits.shape[1])
+        acc.update(logits.to(dtype), targets, backend=backend)
+        d = acc.decompose()
+        n_sum = int((torch.as_tensor(d.ranks) * torch.as_tensor(d.counts)).sum())
+        errors = {k: abs(getattr(d, k) - KNOWN_ANSWER[k]) for k in COMPONENTS}
+        passed = (len(d.ranks) == KNOWN_ANSWER["n_distinct_ranks"]
+                  and n_sum == KNOWN_ANSWER["sum_of_ranks"] and max(errors.values()) <= tol)
+        ok &= passed
+        print(f"\n[{'ok' if passed else 'FAIL'}] backend={backend} logits={str(dtype)[6:]} "
+              f"max |error| {max(errors.values()):.1e} (allowed {tol:.0e})")
+        print(d)
+    return ok

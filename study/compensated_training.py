@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 from mini_scaling import SEQ, split_kjv, token_stream, train_tokenizer, training_steps  # noqa: E402
 
 from rankops import RankAccumulator  # noqa: E402
-from rankops.eval.run import write_atomic  # noqa: E402
+from rankops.atomic import write_atomic  # noqa: E402
 from rankops.integrations.transformers import CompensatedCausalLMLoss  # noqa: E402
 
 SIZE = (128, 4, 4, 384)   # width, layers, heads, feed-forward width (as in the mini study)

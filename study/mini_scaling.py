@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from rankops.atomic import write_atomic
 from rankops.eval.corpora import Corpus, load_corpus
 from rankops.eval.models import load_model
-from rankops.eval.run import evaluate, write_atomic
+from rankops.eval.run import evaluate
 from rankops.eval.windows import Protocol
 from rankops.plot import plot_all
 from rankops.scaling import load_results, markdown, scaling_tables

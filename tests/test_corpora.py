@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rankops.eval import corpora
+from rankops.eval.corpora import builtin
 from rankops.eval.corpora import Corpus, CorpusError, builtin_corpora, load_corpus
 
 BUILTIN_NAMES = ("austen", "kjv", "cpython-stdlib")
@@ -285,11 +285,11 @@ def check_common(corpus, name, kind):
 
 def check_deterministic(name, corpus):
     assert load_corpus(name) is corpus  # cached
-    corpora._LOADERS[name].cache_clear()
+    builtin.BUILTINS[name].load.cache_clear()
     try:
         again = load_corpus(name)
     finally:
-        corpora._LOADERS[name].cache_clear()
+        builtin.BUILTINS[name].load.cache_clear()
     assert again is not corpus and again == corpus
 
 
@@ -317,7 +317,7 @@ def test_austen():
 def test_austen_chapter_rule():
     lines = ["TITLE", "", "VOLUME I", "", "CHAPTER I", "", "One.", "Chapter about x",
              "", "VOLUME II", "Chapter 2", "Two.  ", "", "THE END", "Afterword"]
-    assert corpora._split_chapters(lines) == ["One.\nChapter about x", "Two."]
+    assert builtin.split_chapters(lines) == ["One.\nChapter about x", "Two."]
 
 
 def test_kjv():
@@ -337,7 +337,7 @@ def test_cpython_stdlib():
     corpus = require("cpython-stdlib")
     check_common(corpus, "cpython-stdlib", "code")
     root = Path(corpus.source)
-    files = corpora._stdlib_files()
+    files = builtin.stdlib_files()
     assert files == sorted(files) and len(files) > 300
     for rel in files:
         parts = Path(rel).parts

@@ -379,10 +379,13 @@ def eval_here(root, out, extra=()):
         torch.set_num_threads(threads)
 
 
-def launch_eval(root, out, world, extra=(), env=None):
-    """`python -m rankops eval` as torchrun would start it: one process per rank, env:// init."""
-    args = [sys.executable, "-m", "rankops", *eval_args(root, out, extra)]
-    base = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))  # one thread each, as torchrun sets
+def launch_eval(root, out, world, extra=(), kill_after_batches=None):
+    """`python -m rankops eval` as torchrun would start it: one process per rank, env:// init.
+    With kill_after_batches=N each process dies (status 137) right after checkpointing N batches."""
+    command = ["-m", "rankops"] if kill_after_batches is None else \
+        [str(Path(__file__).with_name("kill_after_checkpoint.py")), str(kill_after_batches)]
+    args = [sys.executable, *command, *eval_args(root, out, extra)]
+    base = dict(os.environ, OMP_NUM_THREADS="1")  # one thread each, as torchrun sets
     port = str(free_port())
     return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
@@ -403,7 +406,7 @@ def measured(results):
 def test_sharded_eval_equals_one_process(tiny_model, tmp_path, capsys):
     # Killed after each process checkpointed its first batch, then resumed.
     killed = launch_eval(tiny_model, tmp_path / "killed", WORLD, extra=["--checkpoint-every", "0"],
-                         env={"RANKOPS_FAULT_AFTER_WINDOWS": "1"})
+                         kill_after_batches=1)
     sharded = launch_eval(tiny_model, tmp_path / "sharded", WORLD)
     codes, outs = finish(killed)
     assert codes == [137, 137], outs

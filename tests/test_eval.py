@@ -130,8 +130,14 @@ def test_token_budget_is_exact(tokenizer, corpus):
     assert plan.n_scored_tokens == 123 == sum(w.n_scored for w in plan.windows)
 
 
-def cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rankops", *args], capture_output=True, text=True,
+KILL_AFTER_CHECKPOINT = Path(__file__).with_name("kill_after_checkpoint.py")
+
+
+def cli(*args, env=None, cwd=None, kill_after_batches=None):
+    """`python -m rankops ARGS` in a subprocess; with kill_after_batches=N, the command dies
+    with status 137 right after writing a checkpoint of N or more batches."""
+    command = ["-m", "rankops"] if kill_after_batches is None else [str(KILL_AFTER_CHECKPOINT), str(kill_after_batches)]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
                           env=dict(os.environ, **(env or {})), cwd=cwd, timeout=600)
 
 
@@ -144,7 +150,7 @@ def test_resume_after_kill_equals_uninterrupted(model_dir, tmp_path):
         (docs / f"{i:03d}.txt").write_text(d)
     full = cli(*common, "--output-path", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    killed = cli(*common, "--output-path", str(tmp_path / "killed"), env={"RANKOPS_FAULT_AFTER_WINDOWS": "7"})
+    killed = cli(*common, "--output-path", str(tmp_path / "killed"), kill_after_batches=4)
     assert killed.returncode == 137
     run_dir = next((tmp_path / "killed").glob("*/*"))
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists()
@@ -280,3 +286,34 @@ def test_unreachable_hub_model_fails_cleanly(tmp_path):
             "--no-progress", "--output-path", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
     assert "cannot load 'no-such-owner/no-such-model' from the hub" in r.stderr
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_device_by_name_or_object(tokenizer, corpus, device):
+    from rankops.eval.models import wrap_model
+    V = len(tokenizer)
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(6))
+    lm = wrap_model(lambda input_ids, attention_mask: table[input_ids], tokenizer, name="bigram",
+                    context_length=32)
+    want = evaluate(lm, corpus, Protocol(context_length=32), progress=False)
+    got = evaluate(lm, corpus, Protocol(context_length=32), device=device, progress=False)
+    assert got["decomposition"] == want["decomposition"]
+
+
+def test_on_checkpoint_is_told_each_checkpoint(tokenizer, corpus, tmp_path):
+    from rankops.eval.models import wrap_model
+    from rankops.eval.run import CheckpointWritten
+    V = len(tokenizer)
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(7))
+    lm = wrap_model(lambda input_ids, attention_mask: table[input_ids], tokenizer, name="bigram",
+                    context_length=16)
+    seen = []
+
+    def on_checkpoint(written):
+        assert isinstance(written, CheckpointWritten) and written.path.is_file()  # complete on disk
+        seen.append(written.batches_done)
+    evaluate(lm, corpus, Protocol(context_length=16, batch_size=4), output_path=str(tmp_path), progress=False,
+             checkpoint_every_s=0, on_checkpoint=on_checkpoint)
+    n_batches = seen[-1]
+    assert n_batches > 2 and seen == list(range(1, n_batches + 1)) + [n_batches]  # each batch, then the end
+    assert not list(tmp_path.glob("*/*/checkpoint*.pt"))  # removed once the results are written

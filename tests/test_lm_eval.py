@@ -243,3 +243,24 @@ def test_local_corpus_errors(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("one document\n")
     monkeypatch.setenv("RANKOPS_LM_EVAL_CORPUS", str(tmp_path / "a.txt"))
     assert load_corpus_dataset()["test"]["text"] == ["one document"]
+
+
+def test_installed_lm_eval_is_a_pinned_version_with_the_private_hooks_the_adapter_overrides():
+    # The adapter overrides private HFLM methods: an lm-eval outside the pinned, tested range
+    # must fail here, loudly, rather than decompose the wrong tokens.
+    import inspect
+    import tomllib
+    from pathlib import Path
+
+    from lm_eval.models.huggingface import HFLM
+    from packaging.requirements import Requirement
+
+    from rankops.integrations.lm_eval import PRIVATE_HFLM_OVERRIDES
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    (pin,) = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["lm-eval"]]
+    assert pin.name == "lm-eval" and pin.specifier, "lm-eval must be pinned to the tested versions"
+    assert pin.specifier.contains(lm_eval.__version__), (lm_eval.__version__, str(pin.specifier))
+    assert any("rankops[" in r and "lm-eval" in r for r in pyproject["project"]["optional-dependencies"]["test"])
+    for name, params in PRIVATE_HFLM_OVERRIDES.items():
+        assert callable(getattr(HFLM, name, None)), f"HFLM.{name} is gone"
+        assert tuple(inspect.signature(getattr(HFLM, name)).parameters) == params, name

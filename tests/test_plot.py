@@ -60,15 +60,22 @@ def test_every_figure_is_written_with_its_axes(results_dir, tmp_path):
 
 def test_axes_and_data(results_dir, tmp_path, monkeypatch):
     import matplotlib.figure
-    saved = {}
-    original = matplotlib.figure.Figure.savefig
 
-    def spy(fig, path, **kw):
-        saved[str(path)] = [(ax.get_xlabel(), ax.get_ylabel(), ax.get_xscale(), ax.get_yscale(),
-                             [line.get_ydata() for line in ax.get_lines()]) for ax in fig.axes]
-        return original(fig, path, **kw)
+    import rankops.plot
+    saved, drawn = {}, []
+    original, original_write = matplotlib.figure.Figure.savefig, rankops.plot.write_atomic
+
+    def spy(fig, fname, **kw):  # the figure is rendered to memory, then written atomically
+        drawn.append([(ax.get_xlabel(), ax.get_ylabel(), ax.get_xscale(), ax.get_yscale(),
+                       [line.get_ydata() for line in ax.get_lines()]) for ax in fig.axes])
+        return original(fig, fname, **kw)
+
+    def spy_write(path, data):
+        saved[str(path)] = drawn.pop()
+        return original_write(path, data)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    monkeypatch.setattr(rankops.plot, "write_atomic", spy_write)
     results = load_results([str(results_dir)])
     plot_all(results, str(tmp_path))
     axes = {k.rsplit("/", 1)[1].rsplit(".", 1)[0]: v for k, v in saved.items() if k.endswith(".png")}

@@ -3,64 +3,60 @@ per-rank statistics with the fused kernels (never a full log-softmax), checkpoin
 write results.
 
 Files, per model and corpus, under OUTPUT/<model>/<corpus>/:
-    results.json       the decomposition and everything needed to interpret it (atomic write)
+    results.json       the decomposition and everything needed to interpret it
     accumulator.pt     the RankAccumulator state, for re-analysis (rankops.RankAccumulator.load_state_dict)
-    checkpoint.pt      while running: the accumulator and how many windows are done
-                       (checkpoint.rank<R>of<W>.pt per process in a sharded run)
-A killed run continues with resume=True from its last checkpoint and ends with exactly (bit for
-bit) the result of an uninterrupted run: the accumulator's sums are integers, so how the
-stream was split does not matter.
+    checkpoint.pt      while running: the accumulator and how many batches are done
+                       (checkpoint.rank<R>of<W>.pt per process in a run of W processes)
+Every file is written atomically (rankops.atomic). A killed run continues with resume=True from
+its last checkpoint and ends with exactly (bit for bit) the result of an uninterrupted run: the
+accumulator's sums are integers, so how the stream was split does not matter.
 
-Sharded (distributed=True, as `rankops eval` does under torchrun): every process plans the same
-windows and cuts them into the same batches as a single process would; batch j goes to process
-j % world_size. Each accumulates and checkpoints its own batches; the accumulators are then
-summed by one all-reduce and process 0 writes the files. The same batches are computed as in a
-single-process run, so the results are bit-identical wherever the model's forward pass is
-deterministic for a given batch.
+One loop serves one process or many (distributed=True, as `rankops eval` does under torchrun):
+every process plans the same windows and cuts them into the same batches; batch j goes to
+process j % world_size (all of them to a single process). Each accumulates and checkpoints its
+own batches; the accumulators are then summed by one all-reduce and process 0 writes the files.
+The same batches are computed as in a single-process run, so the results are bit-identical
+wherever the model's forward pass is deterministic for a given batch.
+
+evaluate() is that sequence of steps: plan, shard, resume, score, reduce, write.
 """
 import datetime
 import json
-import os
 import platform
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 
 import rankops
 from rankops.accumulate import RankAccumulator
+from rankops.atomic import save_atomic, write_atomic
 from rankops.eval.corpora import Corpus
 from rankops.eval.models import LoadedModel
-from rankops.eval.windows import Plan, Protocol, collate, plan_windows
+from rankops.eval.windows import Plan, Protocol, Window, collate, plan_windows
+from rankops.eval.world import World
 
 RESULTS_FORMAT = 1
-# Test hook: a hard exit once this many windows are checkpointed (tests/test_eval.py).
-_FAULT_AFTER_WINDOWS = int(os.environ["RANKOPS_FAULT_AFTER_WINDOWS"]) if "RANKOPS_FAULT_AFTER_WINDOWS" in os.environ else None
 
 
 class EvalError(ValueError):
     """An evaluation that cannot start or continue, with the reason."""
 
 
+class CheckpointWritten(NamedTuple):
+    """What `evaluate(on_checkpoint=...)` is told after each checkpoint it writes."""
+    path: Path          # the checkpoint file, complete on disk
+    batches_done: int   # this process's batches in it
+    n_batches: int      # this process's batches in the whole run
+    rank: int
+    world_size: int
+
+
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def batches(windows, start: int, max_batch_tokens: int, max_batch_size: int):
@@ -82,142 +78,200 @@ def run_identity(lm: LoadedModel, corpus: Corpus, protocol: Protocol, plan: Plan
             "vocab_size": lm.vocab_size, "stream": plan.fingerprint()}
 
 
+def checkpoint_name(rank: int, world_size: int) -> str:
+    return "checkpoint.pt" if world_size == 1 else f"checkpoint.rank{rank}of{world_size}.pt"
+
+
 def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *,
              output_path: Optional[str] = None, resume: bool = False, backend: str = "auto",
-             device: Optional[str] = None, max_batch_tokens: int = 8192,
-             checkpoint_every_s: float = 60.0, progress: bool = True, distributed: bool = False) -> dict:
+             device: Union[str, torch.device, None] = None, max_batch_tokens: int = 8192,
+             checkpoint_every_s: float = 60.0, progress: bool = True, distributed: bool = False,
+             on_checkpoint: Optional[Callable[[CheckpointWritten], None]] = None) -> dict:
     """Decomposes lm's cross-entropy on corpus under protocol; returns the results dict (and
-    writes it under output_path, if given). distributed=True shards the batches over the
-    processes of the (initialised) default torch.distributed group; every process returns the
-    results, process 0 writes them."""
+    writes it under output_path, if given).
+
+    device: a torch.device or its name ("cpu", "cuda:1"); default: where the model is.
+    distributed=True shards the batches over the processes of the (initialised) default
+    torch.distributed group; every process returns the results, process 0 writes them.
+    on_checkpoint(CheckpointWritten) is called after each checkpoint is complete on disk (with
+    output_path only): every checkpoint_every_s seconds and once when the batches are done.
+    """
+    device = _device(lm, device)
+    world = _world(distributed)
+    plan, context_length = _plan(lm, corpus, protocol)
+    work = world.shard([b for _, b in batches(plan.windows, 0, max_batch_tokens, protocol.batch_size)])
+    # The batches depend on max_batch_tokens and the process count: a resumed run must cut them the same way.
+    identity = dict(run_identity(lm, corpus, protocol, plan),
+                    shard={"rank": world.rank, "world_size": world.size, "max_batch_tokens": max_batch_tokens})
+    out_dir = _open_run_dir(output_path, lm, corpus)
+    checkpoints = _Checkpoints(out_dir, world, identity, len(work), checkpoint_every_s, on_checkpoint)
+    state = _State(RankAccumulator(lm.vocab_size, device=device))
+    if resume:
+        state = checkpoints.resume(state)
+    _score(lm, work, state, checkpoints, device, backend,
+           _progress_bar(progress, world, f"{lm.name} on {corpus.name}", work, state.batches_done))
+    world.sum_accumulator(state.acc)
+    timings = world.reduce_timings(state.timings)  # process-seconds summed, the longest wall time
+    results = build_results(lm, corpus, protocol, plan, context_length, state.acc, timings, backend)
+    results["timings"]["processes"] = world.size
+    if out_dir is not None:
+        _write_results(out_dir, results, state.acc, world)
+        world.barrier()  # the results are on disk before any process's checkpoint goes
+        checkpoints.remove()
+        (out_dir / ".writable").unlink(missing_ok=True)
+    return results
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """What a checkpoint holds: the statistics and the position, from the same instant."""
+    acc: RankAccumulator
+    batches_done: int = 0
+    timings: dict = field(default_factory=lambda: {"forward_s": 0.0, "metric_s": 0.0})
+
+
+def _device(lm: LoadedModel, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(lm.model, torch.nn.Module):
+        return next((p.device for p in lm.model.parameters()), torch.device("cpu"))
+    return torch.device("cpu")
+
+
+def _world(distributed: bool) -> World:
+    if not distributed:
+        return World()
+    try:
+        return World.default_group()
+    except ValueError as exc:
+        raise EvalError(str(exc)) from exc
+
+
+def _plan(lm: LoadedModel, corpus: Corpus, protocol: Protocol):
     context_length = protocol.context_length or lm.context_length
     try:
-        plan = plan_windows(corpus.documents, lm.tokenizer, protocol, context_length)
+        return plan_windows(corpus.documents, lm.tokenizer, protocol, context_length), context_length
     except ValueError as exc:
         raise EvalError(f"corpus {corpus.name!r}: {exc}") from exc
-    if device is None:
-        device = next((p.device for p in lm.model.parameters()), torch.device("cpu")) \
-            if isinstance(lm.model, torch.nn.Module) else torch.device("cpu")
-    identity = run_identity(lm, corpus, protocol, plan)
-    rank, world_size = 0, 1
-    shard = None  # a sharded run's own batches, as (first window, windows) pairs
-    if distributed:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            raise EvalError("distributed=True needs an initialised torch.distributed process group")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        shard = list(batches(plan.windows, 0, max_batch_tokens, protocol.batch_size))[rank::world_size]
-        # The batches depend on max_batch_tokens: a resumed shard must cut them the same way.
-        identity = dict(identity, shard={"rank": rank, "world_size": world_size,
-                                         "max_batch_tokens": max_batch_tokens})
-    progress_key = "windows_done" if shard is None else "shard_batches_done"
 
-    out_dir = checkpoint = None
-    acc, done, timings = RankAccumulator(lm.vocab_size, device=device), 0, {"forward_s": 0.0, "metric_s": 0.0}
-    if output_path is not None:
-        out_dir = Path(output_path) / safe_name(lm.name) / safe_name(corpus.name)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(out_dir / ".writable", b"")
-        except OSError as exc:
-            raise EvalError(f"cannot write results to {out_dir}: {exc}") from exc
-        checkpoint = out_dir / checkpoint_name(rank, world_size)
-        if resume:
-            ours = {checkpoint_name(r, world_size) for r in range(world_size)}
-            others = sorted(p.name for p in out_dir.glob("checkpoint*.pt") if p.name not in ours)
-            if others:
-                raise EvalError(f"{out_dir} holds checkpoints of a run with another number of "
-                                f"processes ({', '.join(others)}); resume with that number or remove them")
-        if resume and checkpoint.exists():
-            state = torch.load(checkpoint, weights_only=True)
-            if state["identity"] != identity:
-                raise EvalError(f"{checkpoint} was written by a different run (model, corpus, "
-                                "protocol or token stream differ); remove it or drop --resume")
-            acc.load_state_dict(state["accumulator"])
-            done, timings = state[progress_key], state["timings"]
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        if shard is None:
-            total, initial, desc = plan.n_scored_tokens, sum(w.n_scored for w in plan.windows[:done]), ""
-        else:
-            total = sum(w.n_scored for _, batch in shard for w in batch)
-            initial = sum(w.n_scored for _, batch in shard[:done] for w in batch)
-            desc = f" (process 0 of {world_size})"
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"{lm.name} on {corpus.name}{desc}",
-                   initial=initial)
+def _open_run_dir(output_path: Optional[str], lm: LoadedModel, corpus: Corpus) -> Optional[Path]:
+    if output_path is None:
+        return None
+    out_dir = Path(output_path) / safe_name(lm.name) / safe_name(corpus.name)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / ".writable", b"")
+    except OSError as exc:
+        raise EvalError(f"cannot write results to {out_dir}: {exc}") from exc
+    return out_dir
+
+
+class _Checkpoints:
+    """This process's checkpoint file: when to write it, reading it back, removing it. Without
+    a run folder (no output_path) it keeps nothing."""
+
+    def __init__(self, out_dir: Optional[Path], world: World, identity: dict, n_batches: int,
+                 every_s: float, on_checkpoint):
+        self.out_dir, self.world, self.identity, self.n_batches = out_dir, world, identity, n_batches
+        self.path = None if out_dir is None else out_dir / checkpoint_name(world.rank, world.size)
+        self.every_s, self.on_checkpoint = every_s, on_checkpoint
+        self.last_save = time.monotonic()
+
+    def resume(self, fresh: _State) -> _State:
+        if self.path is None:
+            return fresh
+        ours = {checkpoint_name(r, self.world.size) for r in range(self.world.size)}
+        others = sorted(p.name for p in self.out_dir.glob("checkpoint*.pt") if p.name not in ours)
+        if others:
+            raise EvalError(f"{self.out_dir} holds checkpoints of a run with another number of "
+                            f"processes ({', '.join(others)}); resume with that number or remove them")
+        if not self.path.exists():
+            return fresh
+        saved = torch.load(self.path, weights_only=True)
+        if saved.get("identity") != self.identity:
+            raise EvalError(f"{self.path} was written by a different run (model, corpus, protocol, "
+                            "batching or token stream differ); remove it or drop --resume")
+        fresh.acc.load_state_dict(saved["accumulator"])
+        return _State(fresh.acc, saved["batches_done"], saved["timings"])
+
+    def save(self, state: _State, notify: bool = True) -> None:
+        if self.path is None:
+            return
+        save_atomic(self.path, {"identity": self.identity, "accumulator": state.acc.state_dict(),
+                                "batches_done": state.batches_done, "timings": state.timings})
+        self.last_save = time.monotonic()
+        if notify and self.on_checkpoint is not None:
+            self.on_checkpoint(CheckpointWritten(self.path, state.batches_done, self.n_batches,
+                                                 self.world.rank, self.world.size))
+
+    def save_if_due(self, state: _State) -> None:
+        if time.monotonic() - self.last_save >= self.every_s:
+            self.save(state)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _score(lm: LoadedModel, work: List[List[Window]], state: _State, checkpoints: _Checkpoints,
+           device: torch.device, backend: str, bar) -> None:
+    """Runs this process's batches from state.batches_done on, into state."""
     pad_id = lm.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (lm.tokenizer.eos_token_id or 0)
-    last_save = time.monotonic()
     started = time.monotonic()
-
-    def save_checkpoint():
-        save_atomic(checkpoint, {"identity": identity, "accumulator": acc.state_dict(),
-                                 progress_key: done, "timings": timings})
-
-    def work():
-        """(progress after the batch, batch): windows done, or in a shard its batches done."""
-        if shard is None:
-            for start, batch in batches(plan.windows, done, max_batch_tokens, protocol.batch_size):
-                yield start + len(batch), batch
-        else:
-            for k in range(done, len(shard)):
-                yield k + 1, shard[k][1]
-
     try:
         with torch.no_grad():
-            for next_done, batch in work():
+            for batch in work[state.batches_done:]:
                 input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, pad_id))
                 t0 = time.perf_counter()
                 logits = lm.logits(input_ids, attention_mask)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                acc.update(logits, labels, backend=backend)  # [B, T, V]: vocab truncated to the tokenizer's
+                state.acc.update(logits, labels, backend=backend)  # [B, T, V]: vocab truncated to the tokenizer's
                 t2 = time.perf_counter()
-                timings["forward_s"] += t1 - t0
-                timings["metric_s"] += t2 - t1
-                done = next_done
-                if bar is not None:
-                    bar.update(sum(w.n_scored for w in batch))
-                if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every_s:
-                    save_checkpoint()
-                    last_save = time.monotonic()
-                    if _FAULT_AFTER_WINDOWS is not None and done >= _FAULT_AFTER_WINDOWS:
-                        os._exit(137)  # tests: die like a SIGKILL, right after a checkpoint
+                state.timings["forward_s"] += t1 - t0
+                state.timings["metric_s"] += t2 - t1
+                state.batches_done += 1
+                bar.update(sum(w.n_scored for w in batch))
+                checkpoints.save_if_due(state)
     except BaseException:
-        if checkpoint is not None and done > 0:
-            save_checkpoint()  # keep what was measured: a KeyboardInterrupt or an error mid-run
+        if state.batches_done > 0:
+            checkpoints.save(state, notify=False)  # keep what was measured: a KeyboardInterrupt or an error mid-run
         raise
     finally:
-        if bar is not None:
-            bar.close()
-    timings["wall_s"] = timings.get("wall_s", 0.0) + time.monotonic() - started
-
-    if shard is not None:
-        from rankops.distributed import all_reduce_timings
-        if checkpoint is not None:
-            save_checkpoint()  # the whole shard: a run killed from here on resumes without recomputing
-        acc.all_reduce()
-        timings = all_reduce_timings(timings)  # process-seconds summed, the longest wall time
-    results = build_results(lm, corpus, protocol, plan, context_length, acc, timings, backend)
-    results["timings"]["processes"] = world_size
-    if out_dir is not None:
-        if rank == 0:
-            save_atomic(out_dir / "accumulator.pt", acc.state_dict())
-            write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-            results["path"] = str(out_dir / "results.json")
-        if shard is not None:
-            dist.barrier()  # the results are on disk before any shard's checkpoint goes
-        if checkpoint.exists():
-            checkpoint.unlink()
-        (out_dir / ".writable").unlink(missing_ok=True)
-    return results
+        bar.close()
+    state.timings["wall_s"] = state.timings.get("wall_s", 0.0) + time.monotonic() - started
+    checkpoints.save(state)  # all of it: a run killed from here on resumes without recomputing
 
 
-def checkpoint_name(rank: int, world_size: int) -> str:
-    return "checkpoint.pt" if world_size == 1 else f"checkpoint.rank{rank}of{world_size}.pt"
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(progress: bool, world: World, desc: str, work, batches_done: int):
+    """A tqdm bar of scored tokens on process 0 (of its own batches, in a run of several)."""
+    if not progress or world.rank != 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    if world.size > 1:
+        desc += f" (process 0 of {world.size})"
+    return tqdm(total=sum(w.n_scored for batch in work for w in batch), unit="tok", unit_scale=True,
+                desc=desc, initial=sum(w.n_scored for batch in work[:batches_done] for w in batch))
+
+
+def _write_results(out_dir: Path, results: dict, acc: RankAccumulator, world: World) -> None:
+    if world.rank == 0:
+        save_atomic(out_dir / "accumulator.pt", acc.state_dict())
+        write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        results["path"] = str(out_dir / "results.json")
 
 
 def build_results(lm, corpus, protocol, plan, context_length, acc, timings, backend) -> dict:

@@ -12,7 +12,7 @@ every other request type runs exactly as lm-eval's `hf` model. After the run:
   and in lm-eval's results files, however lm-eval was run (the model's `get_model_info`, the one
   hook lm-eval gives a model into its results): per task the strict and tie-pessimistic
   decompositions, token count and tie rate;
-- `rankops lm-eval ...` (see `main`) prints them as a table next to lm-eval's perplexities.
+- `rankops lm-eval ...` (rankops.cli.lm_eval) prints them as a table next to lm-eval's perplexities.
 
 The windows are lm-eval's own (disjoint windows of max_length tokens, the first token scored
 after a prefix token); `rankops eval` scores exactly the same ones with
@@ -34,14 +34,11 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
-import inspect
 import json
 import operator
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -52,6 +49,7 @@ from lm_eval.models.huggingface import HFLM
 
 import rankops
 from rankops.accumulate import RankAccumulator
+from rankops.atomic import write_atomic
 
 TASKS_DIR = Path(__file__).resolve().with_name("lm_eval_tasks")
 CORPUS_ENV = "RANKOPS_LM_EVAL_CORPUS"
@@ -66,6 +64,16 @@ class _Batch:
     labels: torch.Tensor  # [B, T] the scored targets, -100 elsewhere
     extra: list = field(default_factory=list)  # (row, start, continuation) beyond the row's first
     next_row: int = 0
+
+
+# HFLM's private methods this adapter overrides, with the signatures it was written against
+# (lm-eval 0.4.13, the range pinned in pyproject.toml; tests/test_lm_eval.py checks both).
+# lm-eval offers no public hook to the logits of its rolling log-likelihood loop.
+PRIVATE_HFLM_OVERRIDES = {
+    "_loglikelihood_tokens": ("self", "requests", "disable_tqdm", "override_bs"),
+    "_model_call": ("self", "inps", "attn_mask", "labels"),
+    "_select_cont_toks": ("self", "logits", "contlen", "inplen"),
+}
 
 
 @register_model("hf-rankops")
@@ -278,101 +286,5 @@ def local_task(corpus, *, task_name: Optional[str] = None, text_field: str = "te
             "custom_dataset: !function rankops.integrations.lm_eval.load_corpus_dataset\n"
             f"dataset_kwargs: {json.dumps({'rankops_corpus': options})}\n"
             + (TASKS_DIR / "rankops_local_text.yaml").read_text().split("# -- shared --\n", 1)[1])
-    from rankops.eval.run import write_atomic
     write_atomic(folder / f"{name}.yaml", text.encode())
     return LocalTask(str(folder), name)
-
-
-# -- rankops lm-eval ------------------------------------------------------------------------
-
-def markdown_table(results: dict) -> str:
-    """The rankops decomposition of each rolling task beside lm-eval's perplexities."""
-    head = ("| task | tokens | CE | EE | SA | Conf | EE/CE | EE magnitude share | P(0) | MRR | word ppl | byte ppl | "
-            "bits/byte |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for task, r in results["config"]["rankops"]["tasks"].items():
-        d, m = r["decomposition"], results.get("results", {}).get(task, {})
-
-        def metric(name):
-            v = m.get(f"{name},none")
-            return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
-        rows.append(f"| {task} | {r['n_tokens']} | {d['cross_entropy']:.4f} | {d['error_entropy']:.4f} | "
-                    f"{d['self_alignment']:.4f} | {d['confidence']:.4f} | {d['error_entropy_share']:.3f} | "
-                    f"{d['magnitude_shares']['error_entropy']:.3f} | {d['top1_accuracy']:.3f} | "
-                    f"{d['mean_reciprocal_rank']:.3f} | {metric('word_perplexity')} | "
-                    f"{metric('byte_perplexity')} | {metric('bits_per_byte')} |")
-    return "\n".join([head] + rows)
-
-
-def main(argv=None) -> int:
-    """`rankops lm-eval [--corpus PATH ...] LM-EVAL-RUN-ARGS`: lm-eval's `run` command with the
-    model forced to hf-rankops and the rankops tasks on the include path; each --corpus adds a
-    task for that corpus (local_task). Prints the decomposition table after lm-eval's."""
-    import lm_eval
-    from lm_eval._cli.harness import HarnessCLI
-
-    from rankops.eval.corpora import CorpusError
-    pre = argparse.ArgumentParser(prog="rankops lm-eval", add_help=False, allow_abbrev=False)
-    pre.add_argument("--corpus", action="append", default=[])
-    pre.add_argument("--text-field", default="text")
-    pre.add_argument("--n-documents", type=int, default=None)
-    pre.add_argument("--corpus-seed", type=int, default=42)
-    own, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if rest[:1] == ["run"]:
-        rest = rest[1:]
-    if "-h" in rest or "--help" in rest:
-        print(inspect.cleandoc(main.__doc__) + "\n\nrankops options (the rest are lm-eval run's, below):\n"
-              "  --corpus PATH       a corpus (as for rankops eval) scored as a task of its own; repeatable\n"
-              "  --text-field NAME   text field of jsonl/parquet/datasets corpora (default: text)\n"
-              "  --n-documents N     score N documents shuffled with --corpus-seed, as rankops eval selects\n"
-              "                      them (default: every document, in order)\n"
-              "  --corpus-seed S     (default: 42)\n")
-    saved_argv = sys.argv
-    sys.argv = ["lm-eval", "run", *rest]
-    try:
-        args = HarnessCLI().parse_args()
-    finally:
-        sys.argv = saved_argv
-    if args.model not in (None, "hf-rankops"):
-        print(f"rankops lm-eval: error: the model is always hf-rankops (lm-eval's hf with the "
-              f"decomposition); got --model {args.model}", file=sys.stderr)
-        return 2
-    if getattr(args, "use_cache", None):
-        print("rankops lm-eval: error: --use_cache replays cached answers without logits, so their tokens "
-              "could not be decomposed", file=sys.stderr)
-        return 2
-    args.model = "hf-rankops"
-    include = [args.include_path] if args.include_path else []
-    include.append(str(TASKS_DIR))
-    try:
-        for corpus in own.corpus:
-            path, name = local_task(corpus, text_field=own.text_field, n_documents=own.n_documents,
-                                    seed=own.corpus_seed)
-            include.append(path)
-            args.tasks = (args.tasks or []) + [name]
-    except CorpusError as exc:
-        print(f"rankops lm-eval: error: {exc}", file=sys.stderr)
-        return 2
-    args.include_path = include
-
-    captured = {}
-    original = lm_eval.simple_evaluate
-
-    def simple_evaluate(*a, **kw):
-        captured["results"] = results = original(*a, **kw)
-        return results
-    lm_eval.simple_evaluate = simple_evaluate  # lm-eval's run command imports it when it runs
-    try:
-        HarnessCLI().execute(args)
-    except (ValueError, OSError) as exc:
-        print(f"rankops lm-eval: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        lm_eval.simple_evaluate = original
-    results = captured.get("results")
-    if results is not None and "rankops" in results.get("config", {}):
-        print("\nrankops: cross-entropy decomposition of the rolling log-likelihood tasks (nats per token)")
-        print(markdown_table(results))
-    elif results is not None:
-        print("\nrankops: no rolling log-likelihood task ran, so there is no decomposition", file=sys.stderr)
-    return 0

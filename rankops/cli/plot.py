@@ -1,0 +1,21 @@
+"""`rankops plot`: the paper's figures from `rankops eval` results files (rankops.plot)."""
+import sys
+
+
+def add_parser(sub) -> None:
+    pl = sub.add_parser("plot", help="the paper's figures from results files (PNG and PDF)")
+    pl.add_argument("results", nargs="+", help="results.json files or folders holding them")
+    pl.add_argument("--output-dir", default="rankops_figures", help="(default: %(default)s)")
+
+
+def run(args) -> int:
+    from rankops.plot import plot_all
+    from rankops.scaling import load_results
+    try:
+        paths = plot_all(load_results(args.results), args.output_dir)
+    except ValueError as exc:
+        print(f"rankops plot: error: {exc}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
