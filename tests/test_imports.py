@@ -30,6 +30,9 @@ def module_files(root: Path = PACKAGE_DIR) -> dict:
         elif path.suffix in (".so", ".pyd"):  # _C.cpython-311-x86_64-linux-gnu.so: module _C
             parts = ("rankops",) + path.relative_to(root).parent.parts + (path.name.split(".")[0],)
             modules[".".join(parts)] = None
+    # The compiled extension is a module even where the build keeps it outside the source tree
+    # (an editable install): `from rankops import _C` names it, not the package.
+    modules.setdefault("rankops._C", None)
     return modules
 
 
