@@ -35,23 +35,24 @@ def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     """Dispatches to a backend already resolved by the caller (rankops.ops.token_stats'
     resolve_backend). logits [..., V] any strides; targets of the leading shape, int64,
     contiguous and validated; lse, scale float32 of the leading shape."""
-    flat = logits.reshape(-1, logits.shape[-1])  # a view whenever the rows can be flattened
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64: torch only
     t, lse, scale = targets.reshape(-1), lse.reshape(-1).to(acc), scale.reshape(-1).to(acc)
     if backend == "torch":
+        flat = logits.reshape(-1, logits.shape[-1])  # a view whenever the rows can be flattened
         return reference(flat, t, lse, scale, ignore_index, n_cols).view(logits.shape)
     # Allocated in the logits' shape and handed back as is (not as a view): autograd then
     # adopts it as the .grad of a leaf instead of copying it.
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    grad_2d = grad.view(flat.shape)
-    lse, scale = lse.contiguous(), scale.contiguous()
+    # The kernels walk the logits' own strides: per-row tensors of the leading shape.
+    t, lse, scale = (x.contiguous().view(logits.shape[:-1]) for x in (t, lse, scale))
     if backend == "cpu":
-        _ext.cpu_softmax_grad(flat, t, lse, scale, ignore_index, n_cols, grad_2d)
+        _ext.cpu_softmax_grad(logits, t, lse, scale, ignore_index, n_cols, grad)
     elif backend == "triton":
         from rankops.ops import softmax_grad_triton
-        softmax_grad_triton.launch(flat, t, lse, scale, ignore_index, n_cols, grad_2d)
+        softmax_grad_triton.launch(logits.reshape(-1, logits.shape[-1]), t.view(-1), lse.view(-1),
+                                   scale.view(-1), ignore_index, n_cols, grad.view(-1, logits.shape[-1]))
     elif backend == "cuda":
-        _ext.cuda_softmax_grad(flat, t, lse, scale, ignore_index, n_cols, grad_2d)
+        _ext.cuda_softmax_grad(logits, t, lse, scale, ignore_index, n_cols, grad)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return grad

@@ -16,7 +16,6 @@ from rankops.ops import reference
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_LEAD_DIMS = 8  # the C++ kernel walks up to this many row dimensions without a copy
 
 
 class TokenStats(NamedTuple):
@@ -147,13 +146,6 @@ def nonfinite_error(row: int, lead_shape) -> ValueError:
                       f"{pos}; pass check_finite=False to compute with IEEE semantics anyway")
 
 
-def kernel_view(logits: torch.Tensor) -> torch.Tensor:
-    """logits as the C++ kernel walks them: any strides, at most MAX_LEAD_DIMS row dims."""
-    if logits.dim() - 1 > MAX_LEAD_DIMS:
-        return logits.reshape(-1, logits.shape[-1])
-    return logits
-
-
 def check_sync_options(check_finite, validate):
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
@@ -175,22 +167,20 @@ def first_flagged_row_tensor(bad: torch.Tensor) -> torch.Tensor:
 def _kernel_token_stats(logits, targets, ignore_index, n_cols, backend):
     """Runs a compiled backend: (rank, ties, logp, first non-finite kept row as a 0-d tensor)."""
     if backend == "cpu":
-        view = kernel_view(logits)
-        rank, ties, logp, bad_row = _ext.cpu_token_stats(view, targets.view(view.shape[:-1]),
-                                                         ignore_index, n_cols)
+        rank, ties, logp, bad_row = _ext.cpu_token_stats(logits, targets, ignore_index, n_cols)
         return rank, ties, logp, torch.tensor(bad_row, dtype=torch.int64)
     rank, ties, logp, bad = _gpu_launch(backend, logits, targets, ignore_index, n_cols)
     return rank, ties, logp, first_flagged_row_tensor(bad)
 
 
 def _gpu_launch(backend, logits, targets, ignore_index, n_cols, stats=None):
-    """The Triton or CUDA kernels on [N, V] rows (a view whenever the rows can be flattened);
-    with stats, they also accumulate. Returns per-row rank, ties, logp and non-finite flags."""
-    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
+    """The Triton or CUDA kernels on the logits as they are (any strides); with stats, they also
+    accumulate. Returns rank, ties, logp and non-finite flags of the targets' shape."""
     if backend == "triton":
         from rankops.ops import token_stats_triton
+        flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
         return token_stats_triton.launch(flat, flat_targets, ignore_index, n_cols, stats)
-    return _ext.cuda_token_stats(flat, flat_targets, ignore_index, n_cols, stats)
+    return _ext.cuda_token_stats(logits, targets, ignore_index, n_cols, stats=stats)
 
 
 # Registered with torch.library so torch.compile traces through the kernels (and, on a GPU,
@@ -222,10 +212,8 @@ def accumulate_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     out. cpu adds nothing if either row is found (the first only with check_finite); the GPU
     kernels add every kept token with a finite logp, and leave the rest out."""
     if backend == "cpu":
-        view = kernel_view(logits)
-        nonfinite_row, bad_logp_row, _, n_tied = _ext.cpu_accumulate(
-            view, targets.view(view.shape[:-1]), ignore_index, n_cols, stats, check_finite)
-        return torch.tensor([nonfinite_row, bad_logp_row, n_tied, 0], dtype=torch.int64)
+        info = _ext.cpu_accumulate(logits, targets, stats, ignore_index, n_cols, check_finite, False)
+        return torch.tensor(info, dtype=torch.int64)
     rank, ties, logp, bad = _gpu_launch(backend, logits, targets, ignore_index, n_cols, stats)
     kept = rank >= 0
     left_out = kept & ~(logp.abs() < LOGP_LIMIT)  # the kernels skip these (NaN included)
