@@ -11,15 +11,14 @@ from typing import Optional
 import torch
 
 from rankops.decompose import TIE_MODES, Decomposition, decompose_counts
-from rankops.ops.token_stats import (LOGP_LIMIT, accumulate_op, check_inputs, check_sync_options,
-                                     nonfinite_error, resolve_backend, row_position, token_stats)
+# The state's rows and fixed point (rows of [6, vocab_size]) are defined beside the accumulate op.
+from rankops.ops.token_stats import (COUNT, COUNT_PESS, LOGP_LIMIT, LOGP_SCALE, SUM_HI, SUM_HI_PESS,
+                                     SUM_LO, SUM_LO_PESS, accumulate_op, check_inputs,
+                                     check_sync_options, nonfinite_error, resolve_backend,
+                                     row_position, token_stats)
 
 STATE_FORMAT = 1
-LOGP_SCALE = 2.0 ** 40
 LOW_MASK = (1 << 32) - 1
-
-# Rows of the state tensor [6, vocab_size]; csrc/cpu/token_stats.h (StatRow) has the same order.
-COUNT, SUM_HI, SUM_LO, COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS = range(6)
 
 
 def quantize_logp(logp: torch.Tensor) -> torch.Tensor:

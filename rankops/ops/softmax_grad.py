@@ -49,8 +49,7 @@ def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
         _ext.cpu_softmax_grad(logits, t, lse, scale, ignore_index, n_cols, grad)
     elif backend == "triton":
         from rankops.ops import softmax_grad_triton
-        softmax_grad_triton.launch(logits.reshape(-1, logits.shape[-1]), t.view(-1), lse.view(-1),
-                                   scale.view(-1), ignore_index, n_cols, grad.view(-1, logits.shape[-1]))
+        softmax_grad_triton.launch(logits, t, lse, scale, ignore_index, n_cols, grad)
     elif backend == "cuda":
         _ext.cuda_softmax_grad(logits, t, lse, scale, ignore_index, n_cols, grad)
     else:

@@ -178,8 +178,9 @@ def _gpu_launch(backend, logits, targets, ignore_index, n_cols, stats=None):
     accumulate. Returns rank, ties, logp and non-finite flags of the targets' shape."""
     if backend == "triton":
         from rankops.ops import token_stats_triton
-        flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.view(-1)
-        return token_stats_triton.launch(flat, flat_targets, ignore_index, n_cols, stats)
+        layout = {} if stats is None else dict(rows=STATE_ROWS, logp_scale=LOGP_SCALE,
+                                               logp_limit=LOGP_LIMIT)
+        return token_stats_triton.launch(logits, targets, ignore_index, n_cols, stats=stats, **layout)
     return _ext.cuda_token_stats(logits, targets, ignore_index, n_cols, stats=stats)
 
 
@@ -199,7 +200,12 @@ def _(logits, targets, ignore_index, n_cols, backend):
             torch.empty(shape, dtype=torch.float32, device=dev), torch.empty((), dtype=torch.int64, device=dev))
 
 
-LOGP_LIMIT = 2.0 ** 23  # |logp| * 2^40 must fit an int64 (the accumulator's fixed point)
+# The accumulator's state layout, its one Python owner (rankops.accumulate re-exports it; the
+# Triton kernels get it as arguments; C++: csrc/common/state_layout.h). Rows of the [6, V] int64
+# state, and the fixed point of the logp sums.
+COUNT, SUM_HI, SUM_LO, COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS = STATE_ROWS = tuple(range(6))
+LOGP_SCALE = 2.0 ** 40
+LOGP_LIMIT = 2.0 ** 23  # |logp| * 2^40 must fit an int64
 
 
 @torch.library.custom_op("rankops::accumulate_", mutates_args=("stats",))
