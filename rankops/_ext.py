@@ -84,8 +84,8 @@ def _lead_view(logits, targets, *others):
 
 
 def _describe(logits, n_cols):
-    return _C.Logits(data=logits.data_ptr(), dtype=DTYPE_CODES[logits.dtype],
-                     shape=list(logits.shape), strides=list(logits.stride()), n_cols=n_cols)
+    return _C.Logits(data=logits.data_ptr(), dtype=DTYPE_CODES[logits.dtype], shape=logits.shape,
+                     strides=logits.stride(), n_cols=n_cols)
 
 
 def _bad_target_position(targets, row):

@@ -40,7 +40,7 @@ Status softmax_grad(const KernelArgs& args);
 
 struct AccumulateResult {
   Status status;
-  int64_t bad_logp_row = -1;  // first kept row whose logp cannot be accumulated (NaN, |logp| >= 2^23)
+  int64_t bad_logp_row = -1;  // first kept row whose logp is not state::accumulable
   int64_t n_tied = 0;         // added tokens with at least one tie
   int64_t n_skipped = 0;      // kept tokens left out (leave_out only)
 };
