@@ -136,6 +136,18 @@ def test_external_shards_add_up_to_the_full_row(kernel):
     torch.testing.assert_close(target_logit.double() - lse, logp.double(), rtol=1e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_external_target_logit_on_every_cpu_isa(cpu_isa, dtype):
+    # Each instruction set has its own build of the CPU kernel; 20000 columns take two slices.
+    shard = random_logits((5, 20000), dtype, "cpu", seed=13)[:, 7:]
+    targets = torch.tensor([0, -100, 5, 10 ** 9, -3])
+    target_logit = shard[:, 11].float().contiguous()
+    rank, ties, logp, _ = _ext.cpu_token_stats(shard, targets, -100, 19990, target_logit)
+    want_rank, want_ties, want_logp = external_reference(shard, 19990, targets, target_logit)
+    assert torch.equal(rank, want_rank) and torch.equal(ties, want_ties)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_external_target_logit_nonfinite_flag(kernel):
     device = device_of(kernel)
