@@ -217,7 +217,7 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
     }
     if _ext.has_cpu_kernel():
-        env["cpu_isa"] = _ext._C.cpu_isa()
+        env["cpu_isa"] = _ext.cpu_isa()
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda

@@ -1,7 +1,6 @@
-// rankops._C: a thin pybind11 layer over the kernels. Tensors arrive as data pointers with
-// sizes and strides (elements); the Python side (rankops/_ext.py) owns allocation and the
-// user-facing checks, this layer re-checks what would otherwise corrupt memory.
-#include <cstdint>
+// rankops._C: a thin pybind11 layer over the kernels; rankops/_ext.py is its only caller. A tensor
+// arrives as a data pointer (an int), logits as a Logits descriptor; each call fills the one
+// argument struct (common/kernel_args.h) and re-checks what would otherwise corrupt memory.
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -11,214 +10,129 @@
 
 #include "cpu/token_stats.h"
 #ifdef RANKOPS_WITH_CUDA
-#include "cuda/softmax_grad.cuh"
-#include "cuda/token_stats.cuh"
+#include "cuda/kernels.cuh"
 #endif
 
 namespace py = pybind11;
-using rankops::TokenStatsArgs;
+using namespace rankops;
+using Ptr = uintptr_t;
 
 namespace {
+template <typename T> T* ptr(Ptr p, const char* name) {
+  if (p == 0) throw py::value_error(std::string("null pointer for ") + name);
+  return reinterpret_cast<T*>(p);
+}
 
-TokenStatsArgs make_args(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
-                         const std::vector<int64_t>& lead_strides, int64_t n_cols,
-                         int64_t col_stride, uintptr_t targets_ptr, int64_t ignore_index,
-                         int n_threads) {
-  if (dtype_code < 0 || dtype_code > 2)
-    throw py::value_error("dtype_code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
-                          std::to_string(dtype_code));
-  if (lead_sizes.empty() || lead_sizes.size() > rankops::kMaxLeadDims)
-    throw py::value_error("logits must have between 1 and " +
-                          std::to_string(rankops::kMaxLeadDims) + " leading dimensions");
-  if (lead_sizes.size() != lead_strides.size())
-    throw py::value_error("lead_sizes and lead_strides differ in length");
-  if (n_cols < 1) throw py::value_error("n_cols must be >= 1");
-  if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
-  if (logits_ptr == 0 || targets_ptr == 0) throw py::value_error("null tensor pointer");
-  TokenStatsArgs a;
-  a.logits = reinterpret_cast<const void*>(logits_ptr);
-  a.dtype = static_cast<rankops::DType>(dtype_code);
-  a.n_lead = static_cast<int>(lead_sizes.size());
-  a.n_rows = 1;
-  for (int d = 0; d < a.n_lead; ++d) {
-    if (lead_sizes[d] < 0) throw py::value_error("negative size in lead_sizes");
-    a.lead_sizes[d] = lead_sizes[d];
-    a.lead_strides[d] = lead_strides[d];
-    a.n_rows *= lead_sizes[d];
+Logits make_logits(Ptr data, int dtype, const std::vector<int64_t>& shape,
+                   const std::vector<int64_t>& strides, int64_t n_cols) {
+  if (dtype < 0 || dtype > 2) throw py::value_error("dtype: 0 float32, 1 bfloat16, 2 float16");
+  if (shape.empty() || shape.size() > kMaxLeadDims + 1 || strides.size() != shape.size())
+    throw py::value_error("logits need 1 to 9 dims (8 leading), and one stride per dim");
+  Logits z;
+  z.dtype = static_cast<DType>(dtype);
+  z.n_lead = static_cast<int32_t>(shape.size() - 1);
+  for (int d = 0; d < z.n_lead; ++d) {
+    if (shape[d] < 0) throw py::value_error("negative size in shape");
+    z.lead_sizes[d] = shape[d], z.lead_strides[d] = strides[d], z.n_rows *= shape[d];
   }
-  a.n_cols = n_cols;
-  a.col_stride = col_stride;
-  a.targets = reinterpret_cast<const int64_t*>(targets_ptr);
-  a.ignore_index = ignore_index;
-  a.n_threads = n_threads;
+  z.row_len = shape.back(), z.col_stride = strides.back();
+  if (n_cols < 1 || n_cols > z.row_len) throw py::value_error("need 1 <= n_cols <= shape[-1]");
+  z.n_cols = n_cols;
+  z.data = z.n_rows > 0 ? ptr<const void>(data, "logits") : nullptr;
+  return z;
+}
+
+// The fields every op shares, and the per-token outputs / the state / the gradient's inputs.
+KernelArgs args(const Logits& z, Ptr targets, int64_t ignore_index, int n_threads = 1) {
+  if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
+  KernelArgs a;
+  a.logits = z, a.targets = ptr<const int64_t>(targets, "targets");
+  a.ignore_index = ignore_index, a.n_threads = n_threads;
   return a;
 }
-
-py::tuple token_stats(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
-                      const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
-                      uintptr_t targets_ptr, int64_t ignore_index, uintptr_t rank_ptr,
-                      uintptr_t ties_ptr, uintptr_t logp_ptr, int n_threads) {
-  TokenStatsArgs a = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols,
-                               col_stride, targets_ptr, ignore_index, n_threads);
-  if (rank_ptr == 0 || ties_ptr == 0 || logp_ptr == 0) throw py::value_error("null output pointer");
-  a.rank = reinterpret_cast<int64_t*>(rank_ptr);
-  a.ties = reinterpret_cast<int64_t*>(ties_ptr);
-  a.logp = reinterpret_cast<float*>(logp_ptr);
-  rankops::Status s;
-  {
-    py::gil_scoped_release release;
-    s = rankops::cpu::token_stats(a);
-  }
-  return py::make_tuple(s.nonfinite_row, s.bad_target_row);
+void set_outputs(KernelArgs& a, Ptr rank, Ptr ties, Ptr logp, Ptr target_logit) {
+  a.rank = ptr<int64_t>(rank, "rank"), a.ties = ptr<int64_t>(ties, "ties");
+  a.logp = ptr<float>(logp, "logp"), a.target_logit = reinterpret_cast<const float*>(target_logit);
 }
-
-py::tuple accumulate(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
-                     const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
-                     uintptr_t targets_ptr, int64_t ignore_index, uintptr_t stats_ptr,
-                     int64_t hist_len, bool check_finite, int n_threads) {
-  TokenStatsArgs a = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols,
-                               col_stride, targets_ptr, ignore_index, n_threads);
-  // rank + ties <= n_cols - 1, so every index lands inside a histogram of n_cols bins.
-  if (hist_len < n_cols)
-    throw py::value_error("histograms (" + std::to_string(hist_len) +
-                          " bins) are shorter than the vocabulary (" + std::to_string(n_cols) + ")");
-  if (stats_ptr == 0) throw py::value_error("null stats pointer");
-  rankops::cpu::Histograms h;
-  h.stats = reinterpret_cast<int64_t*>(stats_ptr);
-  h.hist_len = hist_len;
-  rankops::cpu::AccumulateResult r;
-  {
-    py::gil_scoped_release release;
-    r = rankops::cpu::accumulate(a, h, check_finite);
-  }
-  return py::make_tuple(r.status.nonfinite_row, r.status.bad_target_row, r.bad_logp_row, r.n_kept,
-                        r.n_tied);
+void set_stats(KernelArgs& a, Ptr stats, int64_t hist_len) {
+  // rank + ties <= n_cols - 1 (the target is not its own tie): every bin lies below n_cols.
+  if (hist_len < a.logits.n_cols) throw py::value_error("the state is shorter than n_cols");
+  if (a.target_logit) throw py::value_error("stats and target_logit exclude each other");
+  a.stats = ptr<int64_t>(stats, "stats"), a.hist_len = hist_len;
 }
-
-// Writes the weighted cross-entropy gradient into grad [n_rows, grad_row_len] (contiguous, the
-// logits' dtype). Returns the first row with a target outside [0, n_cols), or -1.
-int64_t softmax_grad(uintptr_t logits_ptr, int dtype_code, const std::vector<int64_t>& lead_sizes,
-                     const std::vector<int64_t>& lead_strides, int64_t n_cols, int64_t col_stride,
-                     uintptr_t targets_ptr, int64_t ignore_index, uintptr_t lse_ptr,
-                     uintptr_t scale_ptr, uintptr_t grad_ptr, int64_t grad_row_len, int n_threads) {
-  rankops::SoftmaxGradArgs g;
-  g.in = make_args(logits_ptr, dtype_code, lead_sizes, lead_strides, n_cols, col_stride,
-                   targets_ptr, ignore_index, n_threads);
-  if (lse_ptr == 0 || scale_ptr == 0 || grad_ptr == 0) throw py::value_error("null tensor pointer");
-  if (grad_row_len < n_cols) throw py::value_error("grad_row_len must be >= n_cols");
-  g.lse = reinterpret_cast<const float*>(lse_ptr);
-  g.scale = reinterpret_cast<const float*>(scale_ptr);
-  g.grad = reinterpret_cast<void*>(grad_ptr);
-  g.grad_row_len = grad_row_len;
-  rankops::Status s;
-  {
-    py::gil_scoped_release release;
-    s = rankops::cpu::softmax_grad(g);
-  }
-  return s.bad_target_row;
+void set_grad(KernelArgs& a, Ptr lse, Ptr scale, Ptr grad) {
+  a.lse = ptr<const float>(lse, "lse"), a.scale = ptr<const float>(scale, "scale");
+  a.grad = ptr<void>(grad, "grad");
 }
-
-#ifdef RANKOPS_WITH_CUDA
-// Enqueues the CUDA kernels on `stream`; every tensor is already on the device and allocated
-// by the caller (rankops/_ext.py), the workspace included, so nothing here allocates or syncs.
-void cuda_token_stats(uintptr_t logits_ptr, int dtype_code, int64_t n_rows, int64_t n_cols,
-                      int64_t row_stride, int64_t col_stride, uintptr_t targets_ptr,
-                      int64_t ignore_index, int64_t slice_cols, uintptr_t workspace_ptr,
-                      int64_t workspace_bytes, uintptr_t rank_ptr, uintptr_t ties_ptr,
-                      uintptr_t logp_ptr, uintptr_t bad_ptr, uintptr_t stats_ptr, int64_t hist_len,
-                      uintptr_t stream) {
-  if (dtype_code < 0 || dtype_code > 2) throw py::value_error("dtype_code must be 0, 1 or 2");
-  if (n_rows < 0 || n_cols < 1) throw py::value_error("n_rows must be >= 0 and n_cols >= 1");
-  if (slice_cols < 1) throw py::value_error("slice_cols must be >= 1");
-  const int64_t n_slices = (n_cols + slice_cols - 1) / slice_cols;
-  if (workspace_bytes < rankops::cuda::workspace_bytes(n_rows, n_slices))
-    throw py::value_error("workspace is too small");
-  if (stats_ptr != 0 && hist_len < n_cols)
-    throw py::value_error("histograms are shorter than the vocabulary");
-  if (!logits_ptr || !targets_ptr || !workspace_ptr || !rank_ptr || !ties_ptr || !logp_ptr || !bad_ptr)
-    throw py::value_error("null tensor pointer");
-  rankops::cuda::Launch L;
-  L.logits = reinterpret_cast<const void*>(logits_ptr);
-  L.dtype = dtype_code;
-  L.n_rows = n_rows;
-  L.n_cols = n_cols;
-  L.row_stride = row_stride;
-  L.col_stride = col_stride;
-  L.targets = reinterpret_cast<const int64_t*>(targets_ptr);
-  L.ignore_index = ignore_index;
-  L.slice_cols = slice_cols;
-  L.workspace = reinterpret_cast<void*>(workspace_ptr);
-  L.rank = reinterpret_cast<int64_t*>(rank_ptr);
-  L.ties = reinterpret_cast<int64_t*>(ties_ptr);
-  L.logp = reinterpret_cast<float*>(logp_ptr);
-  L.bad = reinterpret_cast<int32_t*>(bad_ptr);
-  L.stats = reinterpret_cast<int64_t*>(stats_ptr);
-  L.hist_len = hist_len;
-  L.stream = stream;
-  const char* err = rankops::cuda::token_stats(L);
+void check_cuda(const char* err) {
   if (err[0] != '\0') throw std::runtime_error(std::string("rankops CUDA kernel: ") + err);
 }
-
-// Enqueues the gradient kernel on `stream`: grad [n_rows, row_len] contiguous, the logits' dtype.
-// Out-of-range targets are not an error here (the kernel zeroes their rows, reading nothing).
-void cuda_softmax_grad(uintptr_t logits_ptr, int dtype_code, int64_t n_rows, int64_t row_len,
-                       int64_t n_cols, int64_t row_stride, int64_t col_stride,
-                       uintptr_t targets_ptr, int64_t ignore_index, uintptr_t lse_ptr,
-                       uintptr_t scale_ptr, uintptr_t grad_ptr, uintptr_t stream) {
-  if (dtype_code < 0 || dtype_code > 2) throw py::value_error("dtype_code must be 0, 1 or 2");
-  if (n_rows < 0 || n_cols < 1 || row_len < n_cols)
-    throw py::value_error("need n_rows >= 0 and 1 <= n_cols <= row_len");
-  if (!logits_ptr || !targets_ptr || !lse_ptr || !scale_ptr || !grad_ptr)
-    throw py::value_error("null tensor pointer");
-  rankops::cuda::SoftmaxGradLaunch L;
-  L.logits = reinterpret_cast<const void*>(logits_ptr);
-  L.dtype = dtype_code;
-  L.n_rows = n_rows;
-  L.row_len = row_len;
-  L.n_cols = n_cols;
-  L.row_stride = row_stride;
-  L.col_stride = col_stride;
-  L.targets = reinterpret_cast<const int64_t*>(targets_ptr);
-  L.ignore_index = ignore_index;
-  L.lse = reinterpret_cast<const float*>(lse_ptr);
-  L.scale = reinterpret_cast<const float*>(scale_ptr);
-  L.grad = reinterpret_cast<void*>(grad_ptr);
-  L.stream = stream;
-  const char* err = rankops::cuda::softmax_grad(L);
-  if (err[0] != '\0') throw std::runtime_error(std::string("rankops CUDA kernel: ") + err);
-}
-#endif
-
-std::vector<std::string> compiled_isas() {
-  int n = 0;
-  const char* const* names = rankops::cpu::compiled_isas(&n);
-  return std::vector<std::string>(names, names + n);
-}
-
 }  // namespace
 
+#define OP_ARGS py::arg("logits"), py::arg("targets"), py::arg("ignore_index")
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "rankops compiled kernels (CPU; CUDA when built with it)";
-  m.def("token_stats", &token_stats,
-        "Per-token rank, ties and logp; returns (first non-finite row, first bad target row), -1 if none");
-  m.def("accumulate", &accumulate,
-        "Per-rank accumulation into int64 stats [6, hist_len]; returns (first non-finite row, first bad "
-        "target row, first bad logp row, n_kept, n_tied), -1 where none");
-  m.def("softmax_grad", &softmax_grad,
-        "Weighted cross-entropy gradient into a caller-allocated buffer; returns the first bad target row or -1");
-  m.def("cpu_isa", []() { return std::string(rankops::cpu::active_isa()); },
-        "The instruction set the CPU kernel runs with");
-  m.def("cpu_compiled_isas", &compiled_isas, "Instruction sets compiled into this build, widest first");
-  m.def("cpu_isa_supported", [](const std::string& n) { return rankops::cpu::isa_supported(n.c_str()); });
-  m.def("set_cpu_isa", [](const std::string& name) {
-    if (!rankops::cpu::set_isa(name.c_str()))
-      throw py::value_error("instruction set '" + name + "' is not compiled in or not supported by this CPU");
-  }, "Force an instruction set ('auto' restores the widest supported); for tests and benchmarks");
+  py::class_<Logits>(m, "Logits", "A logits tensor: pointer, dtype code, shape, strides (elements)")
+      .def(py::init(&make_logits), py::arg("data"), py::arg("dtype"), py::arg("shape"),
+           py::arg("strides"), py::arg("n_cols"));
+  m.def("token_stats", [](const Logits& z, Ptr targets, int64_t ignore_index, Ptr rank, Ptr ties,
+                          Ptr logp, Ptr target_logit, int n_threads) {
+    KernelArgs a = args(z, targets, ignore_index, n_threads);
+    set_outputs(a, rank, ties, logp, target_logit);
+    py::gil_scoped_release release;
+    const Status s = cpu::token_stats(a);
+    return std::make_pair(s.nonfinite_row, s.bad_target_row);
+  }, OP_ARGS, py::arg("rank"), py::arg("ties"), py::arg("logp"), py::arg("target_logit") = 0,
+     py::arg("n_threads") = 1);
+  m.def("accumulate", [](const Logits& z, Ptr targets, int64_t ignore_index, Ptr stats,
+                         int64_t hist_len, bool check_finite, bool leave_out, int n_threads) {
+    if (leave_out && check_finite) throw py::value_error("leave_out needs check_finite=False");
+    KernelArgs a = args(z, targets, ignore_index, n_threads);
+    set_stats(a, stats, hist_len);
+    py::gil_scoped_release release;
+    const cpu::AccumulateResult r = cpu::accumulate(a, check_finite, leave_out);
+    return std::make_tuple(r.status.nonfinite_row, r.status.bad_target_row, r.bad_logp_row,
+                           r.n_tied, r.n_skipped);
+  }, OP_ARGS, py::arg("stats"), py::arg("hist_len"), py::arg("check_finite"), py::arg("leave_out"),
+     py::arg("n_threads") = 1);
+  m.def("softmax_grad", [](const Logits& z, Ptr targets, int64_t ignore_index, Ptr lse, Ptr scale,
+                           Ptr grad, int n_threads) {
+    KernelArgs a = args(z, targets, ignore_index, n_threads);
+    set_grad(a, lse, scale, grad);
+    py::gil_scoped_release release;
+    return cpu::softmax_grad(a).bad_target_row;
+  }, OP_ARGS, py::arg("lse"), py::arg("scale"), py::arg("grad"), py::arg("n_threads") = 1);
+  m.def("cpu_isa", [] { return std::string(cpu::active_isa()); });
+  m.def("cpu_compiled_isas", &cpu::compiled_isas, "widest first");
+  m.def("cpu_isa_supported", [](const std::string& s) { return cpu::isa_supported(s.c_str()); },
+        py::arg("name"));
+  m.def("set_cpu_isa", [](const std::string& s) {
+    if (!cpu::set_isa(s.c_str())) throw py::value_error("ISA '" + s + "' not compiled in or unsupported");
+  }, py::arg("name"));
 #ifdef RANKOPS_WITH_CUDA
-  m.def("cuda_token_stats", &cuda_token_stats, "Enqueue the CUDA token-stats kernels on a stream");
-  m.def("cuda_workspace_bytes", &rankops::cuda::workspace_bytes);
-  m.def("cuda_softmax_grad", &cuda_softmax_grad, "Enqueue the CUDA softmax_grad kernel on a stream");
   m.attr("has_cuda") = true;
+  m.def("cuda_workspace_bytes", &cuda::token_stats_workspace_bytes, py::arg("n_rows"), py::arg("n_cols"));
+  m.def("cuda_token_stats", [](const Logits& z, Ptr targets, int64_t ignore_index, Ptr rank, Ptr ties,
+                               Ptr logp, Ptr nonfinite, Ptr workspace, int64_t workspace_bytes,
+                               Ptr stream, Ptr target_logit, Ptr stats, int64_t hist_len) {
+    KernelArgs a = args(z, targets, ignore_index);
+    set_outputs(a, rank, ties, logp, target_logit);
+    a.nonfinite = ptr<int32_t>(nonfinite, "nonfinite");
+    if (stats != 0) set_stats(a, stats, hist_len);
+    if (workspace_bytes < cuda::token_stats_workspace_bytes(z.n_rows, z.n_cols))
+      throw py::value_error("workspace too small");
+    a.workspace = ptr<void>(workspace, "workspace"), a.workspace_bytes = workspace_bytes;
+    a.stream = stream;
+    check_cuda(cuda::token_stats(a));
+  }, OP_ARGS, py::arg("rank"), py::arg("ties"), py::arg("logp"), py::arg("nonfinite"),
+     py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+     py::arg("target_logit") = 0, py::arg("stats") = 0, py::arg("hist_len") = 0);
+  m.def("cuda_softmax_grad", [](const Logits& z, Ptr targets, int64_t ignore_index, Ptr lse,
+                                Ptr scale, Ptr grad, Ptr stream) {
+    KernelArgs a = args(z, targets, ignore_index);
+    set_grad(a, lse, scale, grad);
+    a.stream = stream;
+    check_cuda(cuda::softmax_grad(a));
+  }, OP_ARGS, py::arg("lse"), py::arg("scale"), py::arg("grad"), py::arg("stream"));
 #else
   m.attr("has_cuda") = false;
 #endif

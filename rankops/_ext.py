@@ -1,6 +1,8 @@
 """The only importer of the compiled module rankops._C, and the launchers around it.
 
-Tensors cross into C++ as data pointers with sizes and strides in elements (no libtorch link).
+Tensors cross into C++ as data pointers; logits as a `_C.Logits` descriptor (pointer, dtype code,
+shape and strides in elements), which the kernels walk in place: any strides, up to 8 leading
+dimensions without a copy. Outputs are allocated here, in the targets' (leading) shape.
 """
 import torch
 
@@ -12,6 +14,7 @@ except ImportError as exc:  # a source checkout without a build: only the torch 
     IMPORT_ERROR = exc
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_LEAD_DIMS = 8  # leading dimensions the kernels walk in place; more are flattened first
 
 
 def has_cpu_kernel() -> bool:
@@ -31,164 +34,201 @@ def require():
     return _C
 
 
-def _geometry(logits: torch.Tensor):
-    lead_sizes = list(logits.shape[:-1])
-    lead_strides = list(logits.stride()[:-1])
-    return lead_sizes, lead_strides, logits.stride(-1)
-
-
-def cpu_token_stats(logits, targets, ignore_index, n_cols):
-    """logits [..., V] CPU, any strides; targets int64 contiguous of the leading shape.
-
-    Returns (rank, ties, logp, first_nonfinite_row or -1)."""
+def _require_cuda():
     C = require()
-    lead_sizes, lead_strides, col_stride = _geometry(logits)
-    rank = torch.empty(targets.shape, dtype=torch.int64)
-    ties = torch.empty(targets.shape, dtype=torch.int64)
-    logp = torch.empty(targets.shape, dtype=torch.float32)
+    if not has_cuda_kernel():
+        raise RuntimeError("rankops was built without its CUDA kernels")
+    return C
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with."""
+    return require().cpu_isa()
+
+
+def cpu_compiled_isas() -> list:
+    """Instruction sets compiled into this build, widest first."""
+    return list(require().cpu_compiled_isas())
+
+
+def cpu_isa_supported(name: str) -> bool:
+    return bool(require().cpu_isa_supported(name))
+
+
+def set_cpu_isa(name: str) -> None:
+    """Forces an instruction set ("auto" restores the widest supported); for tests and benchmarks."""
+    require().set_cpu_isa(name)
+
+
+def _check_rows(logits, targets, **per_row):
+    """The per-row tensors the kernels read by pointer: contiguous, of the leading shape (so the
+    kernels cannot read past them), of their dtype (targets int64, the others float32)."""
+    lead = tuple(logits.shape[:-1])
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    for name, t in dict(targets=targets, **per_row).items():
+        dtype = torch.int64 if name == "targets" else torch.float32
+        if t is not None and (tuple(t.shape) != lead or t.dtype != dtype or not t.is_contiguous()
+                              or t.device != logits.device):
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {lead} on "
+                             f"{logits.device}")
+
+
+def _lead_view(logits, targets, *others):
+    """logits with at most MAX_LEAD_DIMS leading dims (a reshape beyond that), and the
+    per-row tensors to match."""
+    if logits.dim() - 1 <= MAX_LEAD_DIMS:
+        return (logits, targets) + others
+    flat = logits.reshape(-1, logits.shape[-1])
+    return (flat, targets.reshape(-1)) + tuple(None if t is None else t.reshape(-1) for t in others)
+
+
+def _describe(logits, n_cols):
+    return _C.Logits(data=logits.data_ptr(), dtype=DTYPE_CODES[logits.dtype], shape=logits.shape,
+                     strides=logits.stride(), n_cols=n_cols)
+
+
+def _bad_target_position(targets, row):
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(targets.shape)))
+    return int(targets.reshape(-1)[row]), pos
+
+
+def _bad_target_error(targets, row, ignore_index, n_cols):
+    value, pos = _bad_target_position(targets, row)
+    return ValueError(f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
+                      f"found {value} at position {pos}")
+
+
+def _outputs(targets, device):
+    rank = torch.empty(targets.shape, dtype=torch.int64, device=device)
+    return rank, torch.empty_like(rank), torch.empty(targets.shape, dtype=torch.float32, device=device)
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def cpu_token_stats(logits, targets, ignore_index, n_cols, target_logit=None):
+    """logits [..., V] CPU, any strides; targets int64 contiguous of the leading shape;
+    target_logit (optional) float32 contiguous of the leading shape: the external target-logit
+    mode (targets then only mark ignored rows, ties count every equal value).
+
+    Returns (rank, ties, logp, first non-finite kept row or -1); a target outside [0, n_cols)
+    other than ignore_index raises ValueError before any logit is read (not with target_logit)."""
+    C = require()
+    _check_rows(logits, targets, target_logit=target_logit)
+    rank, ties, logp = _outputs(targets, "cpu")
+    if targets.numel() == 0:
+        return rank, ties, logp, -1
+    z, t, lt = _lead_view(logits, targets, target_logit)
     nonfinite_row, bad_target_row = C.token_stats(
-        logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
-        targets.data_ptr(), ignore_index, rank.data_ptr(), ties.data_ptr(), logp.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if bad_target_row >= 0:  # the Python checks run first; this is the memory-safety net
-        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
+        logits=_describe(z, n_cols), targets=t.data_ptr(), ignore_index=ignore_index,
+        rank=rank.data_ptr(), ties=ties.data_ptr(), logp=logp.data_ptr(), target_logit=_ptr(lt),
+        n_threads=torch.get_num_threads())
+    if bad_target_row >= 0:
+        raise _bad_target_error(targets, bad_target_row, ignore_index, n_cols)
     return rank, ties, logp, nonfinite_row
 
 
-def cpu_accumulate(logits, targets, ignore_index, n_cols, stats, check_finite):
-    """Adds the tokens into the accumulator's int64 stats [6, V] in place (only on success).
+def cpu_accumulate(logits, targets, stats, ignore_index, n_cols, check_finite, leave_out):
+    """Adds the tokens into the accumulator's state stats ([6, V] int64 contiguous CPU), in place.
 
-    Returns (first non-finite row, first row with an unaccumulable logp, n_kept, n_tied),
-    -1 where none."""
+    All or nothing unless leave_out: nothing is added when check_finite finds a kept row with a
+    non-finite logit, or when a kept token's logp cannot be accumulated (NaN, |logp| >= 2^23).
+    leave_out (needs check_finite=False) adds the others and counts those in n_skipped. The
+    state's lo words come back carry-normalised. A bad target raises ValueError, adding nothing.
+
+    Returns (first non-finite kept row, first row whose logp cannot be accumulated, n_tied,
+    n_skipped), -1 where none; n_tied counts the added tokens with ties > 0."""
     C = require()
     if stats.dtype != torch.int64 or not stats.is_contiguous() or stats.device.type != "cpu" \
             or stats.dim() != 2 or stats.shape[0] != 6:
         raise ValueError("stats must be a contiguous CPU int64 tensor of shape [6, V]")
-    lead_sizes, lead_strides, col_stride = _geometry(logits)
-    nonfinite_row, bad_target_row, bad_logp_row, n_kept, n_tied = C.accumulate(
-        logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
-        targets.data_ptr(), ignore_index, stats.data_ptr(), stats.shape[1], check_finite,
-        torch.get_num_threads(),
-    )
+    if leave_out and check_finite:
+        raise ValueError("leave_out=True needs check_finite=False")
+    _check_rows(logits, targets)
+    if targets.numel() == 0:
+        return -1, -1, 0, 0
+    z, t = _lead_view(logits, targets)
+    nonfinite_row, bad_target_row, bad_logp_row, n_tied, n_skipped = C.accumulate(
+        logits=_describe(z, n_cols), targets=t.data_ptr(), ignore_index=ignore_index,
+        stats=stats.data_ptr(), hist_len=stats.shape[1], check_finite=check_finite,
+        leave_out=leave_out, n_threads=torch.get_num_threads())
     if bad_target_row >= 0:
-        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
-    return nonfinite_row, bad_logp_row, n_kept, n_tied
+        raise _bad_target_error(targets, bad_target_row, ignore_index, n_cols)
+    return nonfinite_row, bad_logp_row, n_tied, n_skipped
 
 
-def cuda_slice_cols(n_rows: int, n_cols: int) -> int:
-    """Columns per CUDA block: 16384, halved (down to 2048) while there would be fewer than
-    1024 blocks, so few-row inputs still fill the GPU. A function of the shape alone, so a
-    given input always gets the same slices, and so the same bits."""
-    slice_cols = 16384
-    while slice_cols > 2048 and n_rows * -(-n_cols // slice_cols) < 1024:
-        slice_cols //= 2
-    return slice_cols
+def cuda_token_stats(logits, targets, ignore_index, n_cols, target_logit=None, stats=None):
+    """logits [..., V] CUDA, any strides; targets int64 contiguous of the leading shape;
+    target_logit as for cpu_token_stats. Enqueued on the current stream, no sync; a target
+    outside [0, n_cols) comes back as an ignored row.
 
-
-def cuda_token_stats(logits, targets, ignore_index, n_cols, stats=None):
-    """logits [N, V] CUDA, any strides; targets [N] int64 contiguous. Enqueued on the current
-    stream, no sync. With stats ([6, V] int64), also accumulates. Returns rank, ties, logp, bad."""
-    C = require()
-    if not has_cuda_kernel():
-        raise RuntimeError("rankops was built without its CUDA kernels")
-    n_rows = logits.shape[0]
+    With stats ([6, V] int64 contiguous, not with target_logit), also adds every kept token
+    whose |logp| < 2^23 (integer atomics; the caller normalises the carry).
+    Returns rank, ties, logp and int32 flags (1 where a kept row holds NaN or +-inf), all of the
+    leading shape."""
+    C = _require_cuda()
+    _check_rows(logits, targets, target_logit=target_logit)
+    if stats is not None and (stats.dtype != torch.int64 or not stats.is_contiguous()
+                              or stats.dim() != 2 or stats.shape[0] != 6 or stats.device != logits.device):
+        raise ValueError("stats must be a contiguous int64 tensor of shape [6, V] on the logits' device")
+    if stats is not None and target_logit is not None:
+        raise ValueError("stats cannot be combined with target_logit: per-shard ranks are partial")
     device = logits.device
-    slice_cols = cuda_slice_cols(n_rows, n_cols)
-    n_slices = -(-n_cols // slice_cols)
-    workspace = torch.empty(C.cuda_workspace_bytes(n_rows, n_slices), dtype=torch.uint8, device=device)
-    rank = torch.empty(n_rows, dtype=torch.int64, device=device)
-    ties = torch.empty_like(rank)
-    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
-    bad = torch.empty(n_rows, dtype=torch.int32, device=device)
+    rank, ties, logp = _outputs(targets, device)
+    nonfinite = torch.empty(targets.shape, dtype=torch.int32, device=device)
+    if targets.numel() == 0:
+        return rank, ties, logp, nonfinite
+    z, t, lt = _lead_view(logits, targets, target_logit)
+    n_rows = targets.numel()
+    workspace = torch.empty(C.cuda_workspace_bytes(n_rows=n_rows, n_cols=n_cols),
+                            dtype=torch.uint8, device=device)
     C.cuda_token_stats(
-        logits.data_ptr(), DTYPE_CODES[logits.dtype], n_rows, n_cols, logits.stride(0),
-        logits.stride(1), targets.data_ptr(), ignore_index, slice_cols, workspace.data_ptr(),
-        workspace.numel(), rank.data_ptr(), ties.data_ptr(), logp.data_ptr(), bad.data_ptr(),
-        0 if stats is None else stats.data_ptr(), 0 if stats is None else stats.shape[1],
-        torch.cuda.current_stream(device).cuda_stream,
-    )
-    return rank, ties, logp, bad
+        logits=_describe(z, n_cols), targets=t.data_ptr(), ignore_index=ignore_index,
+        rank=rank.data_ptr(), ties=ties.data_ptr(), logp=logp.data_ptr(),
+        nonfinite=nonfinite.data_ptr(), workspace=workspace.data_ptr(),
+        workspace_bytes=workspace.numel(), stream=torch.cuda.current_stream(device).cuda_stream,
+        target_logit=_ptr(lt), stats=_ptr(stats), hist_len=0 if stats is None else stats.shape[1])
+    return rank, ties, logp, nonfinite
+
+
+def _check_grad(logits, targets, lse, scale, grad):
+    _check_rows(logits, targets, lse=lse, scale=scale)
+    if not grad.is_contiguous() or grad.dtype != logits.dtype or grad.shape != logits.shape \
+            or grad.device != logits.device:
+        raise ValueError("grad must be a contiguous tensor of the logits' shape, dtype and device")
 
 
 def cpu_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):
-    """Writes scale * (softmax - onehot) into grad (contiguous [N, V], the logits' dtype).
+    """Writes scale * (softmax - onehot) into grad, zeros past n_cols and in ignored rows.
 
-    logits [N, V] CPU, any strides; targets int64 [N] contiguous; lse, scale float32 [N]."""
+    logits [..., V] CPU, any strides; targets int64, lse and scale float32, all contiguous of the
+    leading shape; grad contiguous, the logits' shape and dtype. A bad target raises ValueError."""
     C = require()
-    if not grad.is_contiguous() or grad.dtype != logits.dtype or grad.shape != logits.shape:
-        raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
-    lead_sizes, lead_strides, col_stride = _geometry(logits)
+    _check_grad(logits, targets, lse, scale, grad)
+    if targets.numel() == 0:
+        return
+    z, t, lse_, scale_ = _lead_view(logits, targets, lse, scale)
     bad_target_row = C.softmax_grad(
-        logits.data_ptr(), DTYPE_CODES[logits.dtype], lead_sizes, lead_strides, n_cols, col_stride,
-        targets.data_ptr(), ignore_index, lse.data_ptr(), scale.data_ptr(), grad.data_ptr(),
-        logits.shape[-1], torch.get_num_threads(),
-    )
-    if bad_target_row >= 0:
-        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols})")
+        logits=_describe(z, n_cols), targets=t.data_ptr(), ignore_index=ignore_index,
+        lse=lse_.data_ptr(), scale=scale_.data_ptr(), grad=grad.data_ptr(),
+        n_threads=torch.get_num_threads())
+    if bad_target_row >= 0:  # the message softmax_grad has always given, with value and position
+        value, pos = _bad_target_position(targets, bad_target_row)
+        raise ValueError(f"targets: row {bad_target_row} is outside [0, {n_cols}) and not "
+                         f"ignore_index={ignore_index}: found {value} at position {pos}")
 
 
 def cuda_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):
-    """Writes scale * (softmax - onehot) into grad (contiguous [N, V], the logits' dtype).
-
-    logits [N, V] CUDA, any strides; targets int64 [N] contiguous; lse, scale float32 [N]
-    contiguous. Enqueued on the current stream, no sync; an out-of-range target (unvalidated
-    input) gives its row zeros."""
-    C = require()
-    if not has_cuda_kernel():
-        raise RuntimeError("rankops was built without its CUDA kernels")
-    if not grad.is_contiguous() or grad.dtype != logits.dtype or grad.shape != logits.shape:
-        raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
+    """As cpu_softmax_grad on CUDA tensors, enqueued on the current stream, no sync; an
+    out-of-range target (unvalidated input) gives its row zeros."""
+    C = _require_cuda()
+    _check_grad(logits, targets, lse, scale, grad)
+    if targets.numel() == 0:
+        return
+    z, t, lse_, scale_ = _lead_view(logits, targets, lse, scale)
     C.cuda_softmax_grad(
-        logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1], n_cols,
-        logits.stride(0), logits.stride(1), targets.data_ptr(), ignore_index, lse.data_ptr(),
-        scale.data_ptr(), grad.data_ptr(), torch.cuda.current_stream(logits.device).cuda_stream,
-    )
-
-
-# ---- TEMPORARY (until the kernel-layer rewrite lands): the new launcher API on the old binding.
-_old_cpu_token_stats, _old_cpu_accumulate = cpu_token_stats, cpu_accumulate
-_old_cpu_softmax_grad = cpu_softmax_grad
-
-
-def _targets_error(row, targets, ignore_index, n_cols):
-    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(targets.shape)))
-    return ValueError(f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
-                      f"found {int(targets.reshape(-1)[row])} at position {pos}")
-
-
-def cpu_token_stats(logits, targets, ignore_index, n_cols, target_logit=None):  # noqa: F811
-    if target_logit is not None:
-        from rankops.ops import reference
-        r, t, lp, flags = reference.token_stats(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                ignore_index, n_cols, target_logit.reshape(-1))
-        rows = torch.nonzero(flags)
-        return r, t, lp, int(rows[0, 0]) if rows.numel() else -1
-    view = logits if logits.dim() - 1 <= 8 else logits.reshape(-1, logits.shape[-1])
-    try:
-        return _old_cpu_token_stats(view, targets.view(view.shape[:-1]), ignore_index, n_cols)
-    except ValueError:
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_cols))
-        raise _targets_error(int(torch.nonzero(bad.reshape(-1))[0, 0]), targets, ignore_index, n_cols)
-
-
-def cpu_accumulate(logits, targets, stats, ignore_index, n_cols, check_finite, leave_out):  # noqa: F811
-    view = logits if logits.dim() - 1 <= 8 else logits.reshape(-1, logits.shape[-1])
-    tv = targets.view(view.shape[:-1])
-    if not leave_out:
-        nf, bl, _, tied = _old_cpu_accumulate(view, tv, ignore_index, n_cols, stats, check_finite)
-        return nf, bl, tied, 0
-    rank, ties, logp, nf = cpu_token_stats(view, tv, ignore_index, n_cols)
-    rank, ties, logp = rank.reshape(-1), ties.reshape(-1), logp.reshape(-1)
-    kept = rank >= 0
-    ok = kept & (logp.abs() < 2.0 ** 23)
-    from rankops.ops.accumulate import add_tokens
-    tied = int(add_tokens(stats, rank[ok], logp[ok], ties[ok]))
-    bad = torch.nonzero(kept & ~ok)
-    return nf, int(bad[0, 0]) if bad.numel() else -1, tied, int((kept & ~ok).sum())
-
-
-def cpu_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):  # noqa: F811
-    flat = logits.reshape(-1, logits.shape[-1])
-    _old_cpu_softmax_grad(flat, targets.reshape(-1), lse.reshape(-1).contiguous(), scale.reshape(-1).contiguous(),
-                          ignore_index, n_cols, grad.view(flat.shape))
+        logits=_describe(z, n_cols), targets=t.data_ptr(), ignore_index=ignore_index,
+        lse=lse_.data_ptr(), scale=scale_.data_ptr(), grad=grad.data_ptr(),
+        stream=torch.cuda.current_stream(logits.device).cuda_stream)

@@ -40,16 +40,16 @@ def device(backend):
 
 
 def compiled_isas():
-    return list(_ext._C.cpu_compiled_isas()) if _ext.has_cpu_kernel() else []
+    return _ext.cpu_compiled_isas() if _ext.has_cpu_kernel() else []
 
 
 @pytest.fixture(params=compiled_isas())
 def cpu_isa(request):
     """Runs the test with the CPU kernel forced to one instruction set, then restores "auto"."""
-    if not _ext._C.cpu_isa_supported(request.param):
+    if not _ext.cpu_isa_supported(request.param):
         pytest.skip(f"this CPU cannot run the {request.param} kernel")
-    _ext._C.set_cpu_isa(request.param)
+    _ext.set_cpu_isa(request.param)
     try:
         yield request.param
     finally:
-        _ext._C.set_cpu_isa("auto")
+        _ext.set_cpu_isa("auto")

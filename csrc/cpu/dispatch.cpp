@@ -3,8 +3,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
+#include "../common/state_layout.h"
 #include "token_stats.h"
 
 namespace rankops {
@@ -13,8 +15,8 @@ namespace {
 
 struct IsaEntry {
   const char* name;
-  Status (*token_stats)(const TokenStatsArgs&);
-  Status (*softmax_grad)(const SoftmaxGradArgs&);
+  Status (*token_stats)(const KernelArgs&);
+  Status (*softmax_grad)(const KernelArgs&);
 };
 
 // Widest first.
@@ -55,10 +57,9 @@ std::atomic<int> g_active{widest_supported()};
 
 const char* active_isa() { return kIsas[g_active.load()].name; }
 
-const char* const* compiled_isas(int* count) {
-  static const char* names[kNumIsas];
-  for (int i = 0; i < kNumIsas; ++i) names[i] = kIsas[i].name;
-  *count = kNumIsas;
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> names;
+  for (const IsaEntry& isa : kIsas) names.emplace_back(isa.name);
   return names;
 }
 
@@ -84,44 +85,39 @@ bool set_isa(const char* name) {
 
 namespace {
 // The first row whose target is neither ignore_index nor in [0, n_cols), or -1. Every kernel
-// runs only after this O(N) check, so none reads outside a row.
-int64_t first_bad_target(const TokenStatsArgs& a) {
-  for (int64_t r = 0; r < a.n_rows; ++r) {
+// runs only after this O(N) check, so none reads outside a row. An external target logit
+// replaces the target index, which is then never read: nothing to check.
+int64_t first_bad_target(const KernelArgs& a) {
+  if (a.target_logit != nullptr) return -1;
+  for (int64_t r = 0; r < a.logits.n_rows; ++r) {
     const int64_t t = a.targets[r];
-    if (t != a.ignore_index && (t < 0 || t >= a.n_cols)) return r;
+    if (t != a.ignore_index && (t < 0 || t >= a.logits.n_cols)) return r;
   }
   return -1;
 }
 }  // namespace
 
-Status token_stats(const TokenStatsArgs& args) {
+Status token_stats(const KernelArgs& args) {
   Status s;
   s.bad_target_row = first_bad_target(args);
   return s.bad_target_row >= 0 ? s : kIsas[g_active.load()].token_stats(args);
 }
 
-Status softmax_grad(const SoftmaxGradArgs& args) {
+Status softmax_grad(const KernelArgs& args) {
   Status s;
-  s.bad_target_row = first_bad_target(args.in);
+  s.bad_target_row = first_bad_target(args);
   return s.bad_target_row >= 0 ? s : kIsas[g_active.load()].softmax_grad(args);
 }
 
-namespace {
-inline void add_fixed(int64_t* hi, int64_t* lo, int64_t q) {
-  *hi += q >> 32;  // arithmetic shift: floor(q / 2^32)
-  *lo += q & 0xffffffffLL;
-  *hi += *lo >> 32;  // carry, so lo stays in [0, 2^32)
-  *lo &= 0xffffffffLL;
-}
-}  // namespace
-
-AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist, bool check_finite) {
-  // Per-token results are O(N) next to the O(N*V) logits; keeping them lets the histograms be
-  // updated after the parallel pass, and nothing is added when the call fails part-way.
-  std::vector<int64_t> rank(static_cast<size_t>(args.n_rows));
-  std::vector<int64_t> ties(static_cast<size_t>(args.n_rows));
-  std::vector<float> logp(static_cast<size_t>(args.n_rows));
-  TokenStatsArgs a = args;
+AccumulateResult accumulate(const KernelArgs& args, bool check_finite, bool leave_out) {
+  const int64_t n_rows = args.logits.n_rows;
+  // Per-token results are O(N) next to the O(N*V) logits; keeping them lets the state be
+  // updated after the parallel pass, and lets a failing call add nothing at all.
+  std::vector<int64_t> rank(static_cast<size_t>(n_rows));
+  std::vector<int64_t> ties(static_cast<size_t>(n_rows));
+  std::vector<float> logp(static_cast<size_t>(n_rows));
+  KernelArgs a = args;
+  a.target_logit = nullptr;  // per-shard ranks are partial: they cannot be accumulated
   a.rank = rank.data();
   a.ties = ties.data();
   a.logp = logp.data();
@@ -129,28 +125,36 @@ AccumulateResult accumulate(const TokenStatsArgs& args, const Histograms& hist, 
   result.status = token_stats(a);
   if (result.status.bad_target_row >= 0 || (check_finite && result.status.nonfinite_row >= 0))
     return result;
-  std::vector<int64_t> fixed(static_cast<size_t>(args.n_rows));
-  for (int64_t i = 0; i < args.n_rows; ++i) {
-    if (rank[i] < 0) continue;  // ignored
-    const double lp = static_cast<double>(logp[i]);
-    if (!(std::fabs(lp) < kLogpLimit)) {  // also catches NaN
-      result.bad_logp_row = i;
-      return result;
-    }
-    fixed[i] = static_cast<int64_t>(std::floor(lp * kLogpScale + 0.5));
+  // First pass: find the tokens that cannot be accumulated (NaN included). All or nothing stops
+  // at the first; leave_out drops them (rank -1 marks a row as not added) and counts them.
+  for (int64_t i = 0; i < n_rows; ++i) {
+    if (rank[i] < 0 || state::accumulable(logp[i])) continue;
+    if (result.bad_logp_row < 0) result.bad_logp_row = i;
+    if (!leave_out) return result;
+    rank[i] = -1;
+    result.n_skipped += 1;
   }
-  const int64_t n = hist.hist_len;
-  int64_t* s = hist.stats;
-  for (int64_t i = 0; i < args.n_rows; ++i) {
+  // Second pass, nothing can fail any more: add. Integer sums, so the order is immaterial.
+  const int64_t n = args.hist_len;
+  int64_t* s = args.stats;
+  for (int64_t i = 0; i < n_rows; ++i) {
     const int64_t k = rank[i];
     if (k < 0) continue;
-    const int64_t kp = k + ties[i];
-    s[kCount * n + k] += 1;
-    add_fixed(&s[kSumHi * n + k], &s[kSumLo * n + k], fixed[i]);
-    s[kCountPess * n + kp] += 1;
-    add_fixed(&s[kSumHiPess * n + kp], &s[kSumLoPess * n + kp], fixed[i]);
-    result.n_kept += 1;
+    const int64_t kp = k + ties[i];  // rank + ties <= n_cols - 1 < hist_len
+    const int64_t q = state::quantize(logp[i]);
+    s[state::index(state::kCount, n, k)] += 1;
+    state::add_fixed(s[state::index(state::kSumHi, n, k)], s[state::index(state::kSumLo, n, k)], q);
+    s[state::index(state::kCountPess, n, kp)] += 1;
+    state::add_fixed(s[state::index(state::kSumHiPess, n, kp)],
+                     s[state::index(state::kSumLoPess, n, kp)], q);
     result.n_tied += ties[i] > 0;
+  }
+  // add_fixed normalises the bins it touches; a state merged from GPU atomics may still carry
+  // elsewhere, and the contract is a normalised state on return. O(V), next to O(N * V) reads.
+  for (int64_t k = 0; k < n; ++k) {
+    state::normalize_carry(s[state::index(state::kSumHi, n, k)], s[state::index(state::kSumLo, n, k)]);
+    state::normalize_carry(s[state::index(state::kSumHiPess, n, k)],
+                           s[state::index(state::kSumLoPess, n, k)]);
   }
   return result;
 }

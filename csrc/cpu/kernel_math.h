@@ -9,8 +9,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "token_stats.h"
-
 #ifndef RANKOPS_ISA
 #error "RANKOPS_ISA must name the instruction set this translation unit is built for"
 #endif
@@ -98,18 +96,6 @@ inline void store_value(uint16_t* p, float f, std::false_type /*is_bf16*/) {
   *p = static_cast<uint16_t>(h | sign);
 }
 inline void store_value(float* p, float f, std::false_type) { *p = f; }
-
-// Element offset of flat row `row` in logits with up to kMaxLeadDims strided row dimensions.
-inline int64_t row_offset(const TokenStatsArgs& a, int64_t row) {
-  if (a.n_lead == 1) return row * a.lead_strides[0];
-  int64_t off = 0;
-  for (int d = a.n_lead - 1; d >= 0; --d) {
-    const int64_t i = row % a.lead_sizes[d];
-    row /= a.lead_sizes[d];
-    off += i * a.lead_strides[d];
-  }
-  return off;
-}
 
 }  // namespace
 }  // namespace RANKOPS_ISA

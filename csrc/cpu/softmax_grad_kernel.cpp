@@ -30,35 +30,35 @@ inline void grad_block(const T* __restrict row, int64_t col_stride, T* __restric
 }
 
 template <typename T, typename IsBF16>
-Status run(const SoftmaxGradArgs& g) {
-  const TokenStatsArgs& a = g.in;
-  const T* base = static_cast<const T*>(a.logits);
-  T* grad = static_cast<T*>(g.grad);
-  const int64_t n_blocks = (g.grad_row_len + kBlockCols - 1) / kBlockCols;
-  const int n_threads = a.n_rows * g.grad_row_len < kMinParallelWork ? 1 : a.n_threads;
+Status run(const KernelArgs& a) {
+  const Logits& z = a.logits;
+  const T* base = static_cast<const T*>(z.data);
+  T* grad = static_cast<T*>(a.grad);  // contiguous [n_rows, row_len]
+  const int64_t n_blocks = (z.row_len + kBlockCols - 1) / kBlockCols;
+  const int n_threads = z.n_rows * z.row_len < kMinParallelWork ? 1 : a.n_threads;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-  for (int64_t task = 0; task < a.n_rows * n_blocks; ++task) {
+  for (int64_t task = 0; task < z.n_rows * n_blocks; ++task) {
     const int64_t r = task / n_blocks;
     const int64_t begin = (task % n_blocks) * kBlockCols;
-    const int64_t end = begin + kBlockCols < g.grad_row_len ? begin + kBlockCols : g.grad_row_len;
-    T* out = grad + r * g.grad_row_len;
+    const int64_t end = begin + kBlockCols < z.row_len ? begin + kBlockCols : z.row_len;
+    T* out = grad + r * z.row_len;
     const int64_t t = a.targets[r];
     // Ignored rows and padded columns (v >= n_cols) get exact zeros (all-zero bits in every dtype).
-    const int64_t live_end = t == a.ignore_index ? begin : (end < a.n_cols ? end : a.n_cols);
+    const int64_t live_end = t == a.ignore_index ? begin : (end < z.n_cols ? end : z.n_cols);
     if (live_end < end) {
       const int64_t zero_begin = live_end > begin ? live_end : begin;
       std::memset(out + zero_begin, 0, static_cast<size_t>(end - zero_begin) * sizeof(T));
     }
     if (live_end <= begin) continue;
-    const T* row = base + row_offset(a, r);
-    const float lse = g.lse[r], scale = g.scale[r];
-    if (a.col_stride == 1)
+    const T* row = base + z.row_offset(r);
+    const float lse = a.lse[r], scale = a.scale[r];
+    if (z.col_stride == 1)
       grad_block<T, IsBF16, true>(row, 1, out, begin, live_end, lse, scale);
     else
-      grad_block<T, IsBF16, false>(row, a.col_stride, out, begin, live_end, lse, scale);
+      grad_block<T, IsBF16, false>(row, z.col_stride, out, begin, live_end, lse, scale);
     if (t >= begin && t < live_end) {
       // The one-hot term, rounded once with the softmax term rather than subtracted after.
-      const float z_t = load_value(row + t * a.col_stride, IsBF16{});
+      const float z_t = load_value(row + t * z.col_stride, IsBF16{});
       store_value(out + t, scale * (exp_bounded(z_t - lse) - 1.0f), IsBF16{});
     }
   }
@@ -67,11 +67,11 @@ Status run(const SoftmaxGradArgs& g) {
 
 }  // namespace
 
-Status softmax_grad(const SoftmaxGradArgs& g) {
-  switch (g.in.dtype) {
-    case DType::kFloat32: return run<float, std::false_type>(g);
-    case DType::kBFloat16: return run<uint16_t, std::true_type>(g);
-    case DType::kFloat16: return run<uint16_t, std::false_type>(g);
+Status softmax_grad(const KernelArgs& a) {
+  switch (a.logits.dtype) {
+    case DType::kFloat32: return run<float, std::false_type>(a);
+    case DType::kBFloat16: return run<uint16_t, std::true_type>(a);
+    case DType::kFloat16: return run<uint16_t, std::false_type>(a);
   }
   return Status{};
 }

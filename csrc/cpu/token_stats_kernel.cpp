@@ -163,9 +163,12 @@ Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end
                          : slice_stats<T, IsBF16, false>(row, col_stride, begin, end, target);
 }
 
-inline void write_row(const TokenStatsArgs& a, int64_t row, float target, const Partial& p) {
+inline void write_row(const KernelArgs& a, int64_t row, float target, const Partial& p) {
   a.rank[row] = p.n_greater;
-  a.ties[row] = p.n_equal - (target == target ? 1 : 0);  // the target never ties with itself
+  // The target never ties with itself; an external target logit may live on another shard, so
+  // there every equal value counts (the caller subtracts the target where it holds it).
+  const bool own_target = a.target_logit == nullptr && target == target;
+  a.ties[row] = p.n_equal - (own_target ? 1 : 0);
   // logp = z_t - (ref + log sum exp(z - ref)), finished in double.
   const double lse = static_cast<double>(p.ref) + std::log(p.sum_exp);
   a.logp[row] = static_cast<float>(static_cast<double>(target) - lse);
@@ -175,56 +178,63 @@ inline void write_row(const TokenStatsArgs& a, int64_t row, float target, const 
 // right, whether the slices run on one thread or on several: the result is then bit-identical
 // for every thread count.
 template <typename T, typename IsBF16>
-Partial row_stats(const TokenStatsArgs& a, const T* row, float target, const Partial* done,
+Partial row_stats(const Logits& z, const T* row, float target, const Partial* done,
                   int64_t n_slices) {
   Partial p;
   for (int64_t s = 0; s < n_slices; ++s) {
     const int64_t begin = s * kSliceCols;
-    const int64_t end = begin + kSliceCols < a.n_cols ? begin + kSliceCols : a.n_cols;
-    const Partial q = done ? done[s] : slice_stats<T, IsBF16>(row, a.col_stride, begin, end, target);
+    const int64_t end = begin + kSliceCols < z.n_cols ? begin + kSliceCols : z.n_cols;
+    const Partial q = done ? done[s] : slice_stats<T, IsBF16>(row, z.col_stride, begin, end, target);
     if (s == 0) p = q; else merge_into(p, q);
   }
   return p;
 }
 
+// The target's logit: read from its row, or given (external target-logit mode, where the
+// target index is never read). A float32 target logit is exact for every logit dtype.
 template <typename T, typename IsBF16>
-Status run(const TokenStatsArgs& a) {
-  const T* base = static_cast<const T*>(a.logits);
+inline float target_value(const KernelArgs& a, const T* row, int64_t r) {
+  if (a.target_logit != nullptr) return a.target_logit[r];
+  return load_value(row + a.targets[r] * a.logits.col_stride, IsBF16{});
+}
+
+template <typename T, typename IsBF16>
+Status run(const KernelArgs& a) {
+  const Logits& z = a.logits;
+  const T* base = static_cast<const T*>(z.data);
   Status status;
   // The targets are in range: the dispatcher (dispatch.cpp) checked them before calling.
-  const int n_threads = a.n_rows * a.n_cols < kMinParallelWork ? 1 : a.n_threads;
-  const int64_t n_slices = (a.n_cols + kSliceCols - 1) / kSliceCols;
+  const int n_threads = z.n_rows * z.n_cols < kMinParallelWork ? 1 : a.n_threads;
+  const int64_t n_slices = (z.n_cols + kSliceCols - 1) / kSliceCols;
   // Few rows: hand out (row, slice) pairs instead of rows, so a single row still uses every
   // thread; the per-slice partials are merged afterwards in the same order.
-  const bool by_slice = a.n_rows < 2 * static_cast<int64_t>(n_threads) && n_slices > 1;
-  std::vector<Partial> parts(by_slice ? static_cast<size_t>(a.n_rows * n_slices) : 0);
+  const bool by_slice = z.n_rows < 2 * static_cast<int64_t>(n_threads) && n_slices > 1;
+  std::vector<Partial> parts(by_slice ? static_cast<size_t>(z.n_rows * n_slices) : 0);
   if (by_slice) {
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t task = 0; task < a.n_rows * n_slices; ++task) {
+    for (int64_t task = 0; task < z.n_rows * n_slices; ++task) {
       const int64_t r = task / n_slices, s = task % n_slices;
-      const int64_t t = a.targets[r];
-      if (t == a.ignore_index) continue;
-      const T* row = base + row_offset(a, r);
+      if (a.targets[r] == a.ignore_index) continue;
+      const T* row = base + z.row_offset(r);
       const int64_t begin = s * kSliceCols;
-      const int64_t end = begin + kSliceCols < a.n_cols ? begin + kSliceCols : a.n_cols;
-      parts[task] = slice_stats<T, IsBF16>(row, a.col_stride, begin, end,
-                                           load_value(row + t * a.col_stride, IsBF16{}));
+      const int64_t end = begin + kSliceCols < z.n_cols ? begin + kSliceCols : z.n_cols;
+      parts[task] = slice_stats<T, IsBF16>(row, z.col_stride, begin, end,
+                                           target_value<T, IsBF16>(a, row, r));
     }
   }
   int64_t first_nonfinite = std::numeric_limits<int64_t>::max();
 #pragma omp parallel for schedule(static) num_threads(by_slice ? 1 : n_threads) \
     reduction(min : first_nonfinite)
-  for (int64_t r = 0; r < a.n_rows; ++r) {
-    const int64_t t = a.targets[r];
-    if (t == a.ignore_index) {
+  for (int64_t r = 0; r < z.n_rows; ++r) {
+    if (a.targets[r] == a.ignore_index) {
       a.rank[r] = -1;
       a.ties[r] = 0;
       a.logp[r] = 0.0f;
       continue;
     }
-    const T* row = base + row_offset(a, r);
-    const float target = load_value(row + t * a.col_stride, IsBF16{});
-    const Partial p = row_stats<T, IsBF16>(a, row, target, by_slice ? &parts[r * n_slices] : nullptr,
+    const T* row = base + z.row_offset(r);
+    const float target = target_value<T, IsBF16>(a, row, r);
+    const Partial p = row_stats<T, IsBF16>(z, row, target, by_slice ? &parts[r * n_slices] : nullptr,
                                            n_slices);
     write_row(a, r, target, p);
     if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
@@ -235,8 +245,8 @@ Status run(const TokenStatsArgs& a) {
 
 }  // namespace
 
-Status token_stats(const TokenStatsArgs& a) {
-  switch (a.dtype) {
+Status token_stats(const KernelArgs& a) {
+  switch (a.logits.dtype) {
     case DType::kFloat32: return run<float, std::false_type>(a);
     case DType::kBFloat16: return run<uint16_t, std::true_type>(a);
     case DType::kFloat16: return run<uint16_t, std::false_type>(a);

@@ -1,21 +1,19 @@
 // Fused CUDA kernels: per token the target's rank (strict), tie count and log-softmax, and
 // per-rank accumulation with integer atomics on exact fixed-point logp.
 //
-// Kernel 1: one block per (row, slice of slice_cols columns). The target logit is read first;
-// then each thread streams its share of the slice with 16-byte loads, counting values above and
-// equal to the target and keeping a running sum of exp(x - ref), where ref is its running max
-// (started at the target logit, so a -inf entry adds exp(-inf) = 0, never inf - inf). One exp
-// per element: a larger value rescales the old sum instead of costing a second exp. The block
-// reduces in a fixed order (warp shuffles, then shared memory), so results are bit-identical run
-// after run. Kernel 2: one thread per row merges the row's slices in slice order.
-// Offsets are 64-bit throughout: N * V passes 2^31 in real evaluations.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "token_stats.cuh"
+// Kernel 1: one block per (row, slice of slice_cols columns). The target logit is read first
+// (or given: external target-logit mode); then each thread streams its share of the slice with
+// 16-byte loads where the row is contiguous, counting values above and equal to the target and
+// keeping a running sum of exp(x - ref), where ref is its running max (started at the target
+// logit, so a -inf entry adds exp(-inf) = 0, never inf - inf). One exp per element: a larger
+// value rescales the old sum instead of costing a second exp. The block reduces in a fixed order
+// (warp shuffles, then shared memory), so results are bit-identical run after run. Kernel 2: one
+// thread per row merges the row's slices in slice order and, with a state, accumulates.
+// Rows are found from the logits' own leading sizes and strides (no reshape, no copy); offsets
+// are 64-bit throughout, since N * V passes 2^31 in real evaluations.
+#include "../common/state_layout.h"
+#include "common.cuh"
+#include "kernels.cuh"
 
 namespace rankops {
 namespace cuda {
@@ -23,7 +21,18 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kFinishThreads = 128;
+
+// Columns per block: 16384, halved (down to 2048) while there would be fewer than 1024 blocks,
+// so few-row inputs still fill the GPU. A function of the shape alone: a given input always
+// gets the same slices, and so the same bits.
+int64_t slice_cols(int64_t n_rows, int64_t n_cols) {
+  int64_t cols = 16384;
+  while (cols > 2048 && n_rows * ceil_div(n_cols, cols) < 1024) cols /= 2;
+  return cols;
+}
+
+__host__ __device__ inline int64_t align_up(int64_t x, int64_t a) { return ceil_div(x, a) * a; }
 
 struct Partials {  // structure of arrays over tasks = row * n_slices + slice
   float* ref;
@@ -33,24 +42,29 @@ struct Partials {  // structure of arrays over tasks = row * n_slices + slice
   int32_t* bad;
 };
 
-__host__ __device__ inline int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+// Five arrays of 4-byte words, each starting on a 256-byte boundary.
+int64_t partials_bytes(int64_t n_tasks) { return 5 * align_up(n_tasks * 4, 256); }
 
 Partials carve(void* workspace, int64_t n_tasks) {
   char* p = static_cast<char*>(workspace);
   const int64_t f = align_up(n_tasks * 4, 256);
-  Partials parts;
-  parts.ref = reinterpret_cast<float*>(p);
-  parts.sum = reinterpret_cast<float*>(p + f);
-  parts.gt = reinterpret_cast<int32_t*>(p + 2 * f);
-  parts.eq = reinterpret_cast<int32_t*>(p + 3 * f);
-  parts.bad = reinterpret_cast<int32_t*>(p + 4 * f);
-  return parts;
+  return Partials{reinterpret_cast<float*>(p), reinterpret_cast<float*>(p + f),
+                  reinterpret_cast<int32_t*>(p + 2 * f), reinterpret_cast<int32_t*>(p + 3 * f),
+                  reinterpret_cast<int32_t*>(p + 4 * f)};
 }
 
-template <typename T> __device__ inline float to_float(T v);
-template <> __device__ inline float to_float<float>(float v) { return v; }
-template <> __device__ inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ inline float to_float<__half>(__half v) { return __half2float(v); }
+// Whether a row counts. With an external target logit the index only marks ignored rows and is
+// never read; otherwise an out-of-range target (possible only unvalidated) reads nothing and
+// comes back as an ignored row.
+__device__ inline bool kept(const KernelArgs& a, int64_t t) {
+  if (t == a.ignore_index) return false;
+  return a.target_logit != nullptr || (t >= 0 && t < a.logits.n_cols);
+}
+
+template <typename T>
+__device__ inline float target_value(const KernelArgs& a, const T* row, int64_t r, int64_t t) {
+  return a.target_logit != nullptr ? a.target_logit[r] : to_float(row[t * a.logits.col_stride]);
+}
 
 // A thread's running statistics.
 struct Acc {
@@ -71,7 +85,7 @@ struct Acc {
 
   __device__ inline void merge(const Acc& o) {
     const float m = fmaxf(ref, o.ref);
-    const float shift = m == -INFINITY ? 0.0f : m;
+    const float shift = m == -INFINITY ? 0.0f : m;  // all -inf so far: no inf - inf
     sum = sum * exp2f((ref - shift) * kLog2e) + o.sum * exp2f((o.ref - shift) * kLog2e);
     ref = m;
     gt += o.gt;
@@ -92,42 +106,36 @@ __device__ inline Acc shfl_down(const Acc& a, int offset) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-slice_kernel(const T* __restrict__ logits, int64_t n_cols, int64_t row_stride, int64_t col_stride,
-             const int64_t* __restrict__ targets, int64_t ignore_index, int64_t slice_cols,
-             int64_t n_slices, Partials parts) {
+slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials parts) {
+  const Logits& z = a.logits;
   const int64_t task = blockIdx.x;
   const int64_t row = task / n_slices, slice = task % n_slices;
-  const int64_t t = targets[row];
-  // Out-of-range targets (possible only without validation) read nothing: the row is ignored.
-  const bool keep = t != ignore_index && t >= 0 && t < n_cols;
-  const T* row_ptr = logits + row * row_stride;
-  const float target = keep ? to_float(row_ptr[t * col_stride]) : 0.0f;
+  const int64_t t = a.targets[row];
+  const bool keep = kept(a, t);
+  // One 64-bit division chain per block, to walk up to 8 strided leading dimensions.
+  const T* row_ptr = static_cast<const T*>(z.data) + z.row_offset(row);
+  const float target = keep ? target_value(a, row_ptr, row, t) : 0.0f;
   const int64_t begin = slice * slice_cols;
-  const int64_t end = keep ? min(begin + slice_cols, n_cols) : begin;
+  const int64_t end = keep ? min(begin + slice_cols, z.n_cols) : begin;  // ignored: read nothing
 
   Acc acc{target, 0.0f, 0, 0, 0};
-  if (col_stride == 1) {
-    // 16-byte loads over the aligned body; scalar prologue and epilogue.
-    constexpr int kVec = 16 / sizeof(T);
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(row_ptr + begin);
-    const int64_t to_boundary = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
-    const int64_t head = end - begin < to_boundary ? end - begin : to_boundary;
-    const bool aligned_elems = addr % sizeof(T) == 0;
-    const int64_t body_begin = begin + (aligned_elems ? head : (end - begin));
-    const int64_t n_vec = (end - body_begin) / kVec;
-    for (int64_t c = begin + threadIdx.x; c < body_begin; c += kThreads) acc.add(to_float(row_ptr[c]), target);
-    const uint4* vec = reinterpret_cast<const uint4*>(row_ptr + body_begin);
-    for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
-      uint4 raw = __ldg(vec + i);
-      const T* v = reinterpret_cast<const T*>(&raw);
+  if (z.col_stride == 1) {
+    // 16-byte loads over the aligned body; scalar head and tail.
+    const VecSpan v = vec_span<T>(reinterpret_cast<uintptr_t>(row_ptr + begin), begin, end);
+    for (int64_t c = begin + threadIdx.x; c < v.body; c += kThreads)
+      acc.add(to_float(row_ptr[c]), target);
+    const uint4* vec = reinterpret_cast<const uint4*>(row_ptr + v.body);
+    for (int64_t i = threadIdx.x; i < v.n_vec; i += kThreads) {
+      const uint4 raw = __ldg(vec + i);
+      const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) acc.add(to_float(v[j]), target);
+      for (int j = 0; j < kVec<T>; ++j) acc.add(to_float(x[j]), target);
     }
-    for (int64_t c = body_begin + n_vec * kVec + threadIdx.x; c < end; c += kThreads)
+    for (int64_t c = v.tail + threadIdx.x; c < end; c += kThreads)
       acc.add(to_float(row_ptr[c]), target);
   } else {
     for (int64_t c = begin + threadIdx.x; c < end; c += kThreads)
-      acc.add(to_float(row_ptr[c * col_stride]), target);
+      acc.add(to_float(row_ptr[c * z.col_stride]), target);
   }
 
   // Fixed-order reduction: within each warp, then across warps in warp order.
@@ -147,92 +155,74 @@ slice_kernel(const T* __restrict__ logits, int64_t n_cols, int64_t row_stride, i
   }
 }
 
-__device__ inline void add_fixed(int64_t* stats, int64_t hist_len, int row_hi, int64_t bin, int64_t q) {
-  // Two's-complement addition is the same on unsigned words.
-  atomicAdd(reinterpret_cast<unsigned long long*>(stats + row_hi * hist_len + bin),
-            static_cast<unsigned long long>(q >> 32));
-  atomicAdd(reinterpret_cast<unsigned long long*>(stats + (row_hi + 1) * hist_len + bin),
-            static_cast<unsigned long long>(q & 0xffffffffLL));
-}
-
 template <typename T>
-__global__ void finish_kernel(const T* __restrict__ logits, int64_t n_rows, int64_t n_cols,
-                              int64_t row_stride, int64_t col_stride,
-                              const int64_t* __restrict__ targets, int64_t ignore_index,
-                              int64_t n_slices, Partials parts, int64_t* rank_out,
-                              int64_t* ties_out, float* logp_out, int32_t* bad_out,
-                              int64_t* stats, int64_t hist_len) {
+__global__ void finish_kernel(const KernelArgs a, int64_t n_slices, Partials parts) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (row >= n_rows) return;
-  const int64_t t = targets[row];
-  const bool keep = t != ignore_index && t >= 0 && t < n_cols;
-  if (!keep) {
-    rank_out[row] = -1;
-    ties_out[row] = 0;
-    logp_out[row] = 0.0f;
-    bad_out[row] = 0;
+  if (row >= a.logits.n_rows) return;
+  const int64_t t = a.targets[row];
+  if (!kept(a, t)) {
+    a.rank[row] = -1;
+    a.ties[row] = 0;
+    a.logp[row] = 0.0f;
+    a.nonfinite[row] = 0;
     return;
   }
-  const float target = to_float(logits[row * row_stride + t * col_stride]);
+  const T* row_ptr = static_cast<const T*>(a.logits.data) + a.logits.row_offset(row);
+  const float target = target_value(a, row_ptr, row, t);
   Acc acc{-INFINITY, 0.0f, 0, 0, 0};
   int64_t gt = 0, eq = 0;
   for (int64_t s = 0; s < n_slices; ++s) {  // slice order: never depends on scheduling
     const int64_t i = row * n_slices + s;
-    Acc p{parts.ref[i], parts.sum[i], 0, 0, parts.bad[i]};
-    acc.merge(p);
+    acc.merge(Acc{parts.ref[i], parts.sum[i], 0, 0, parts.bad[i]});
     gt += parts.gt[i];
     eq += parts.eq[i];
   }
-  const int64_t ties = eq - (target == target ? 1 : 0);
+  // The target never ties with itself; an external target may live on another shard, so there
+  // every equal value counts (the caller subtracts the target where it holds it).
+  const bool own_target = a.target_logit == nullptr && target == target;
+  const int64_t ties = eq - (own_target ? 1 : 0);
   const float logp = target - (acc.ref + logf(acc.sum));
-  rank_out[row] = gt;
-  ties_out[row] = ties;
-  logp_out[row] = logp;
-  bad_out[row] = acc.bad;
-  if (stats != nullptr && fabsf(logp) < 8388608.0f) {  // |logp| * 2^40 must fit an int64
-    const int64_t q = static_cast<int64_t>(floor(static_cast<double>(logp) * 1099511627776.0 + 0.5));
-    atomicAdd(reinterpret_cast<unsigned long long*>(stats + 0 * hist_len + gt), 1ull);
-    add_fixed(stats, hist_len, 1, gt, q);
-    atomicAdd(reinterpret_cast<unsigned long long*>(stats + 3 * hist_len + gt + ties), 1ull);
-    add_fixed(stats, hist_len, 4, gt + ties, q);
+  a.rank[row] = gt;
+  a.ties[row] = ties;
+  a.logp[row] = logp;
+  a.nonfinite[row] = acc.bad;
+  // Only logp gates the add (a -inf logit elsewhere in the row is fine); the caller decides from
+  // the flags whether non-finite logits fail the call. Integer atomics: the sums are exact and
+  // independent of the order of the adds; lo's carry is moved by the caller afterwards.
+  if (a.stats != nullptr && state::accumulable(logp)) {
+    const int64_t q = state::quantize(logp), n = a.hist_len, kp = gt + ties;
+    atomic_add_i64(a.stats + state::index(state::kCount, n, gt), 1);
+    atomic_add_i64(a.stats + state::index(state::kSumHi, n, gt), state::hi_word(q));
+    atomic_add_i64(a.stats + state::index(state::kSumLo, n, gt), state::lo_word(q));
+    atomic_add_i64(a.stats + state::index(state::kCountPess, n, kp), 1);
+    atomic_add_i64(a.stats + state::index(state::kSumHiPess, n, kp), state::hi_word(q));
+    atomic_add_i64(a.stats + state::index(state::kSumLoPess, n, kp), state::lo_word(q));
   }
-}
-
-template <typename T>
-const char* launch(const Launch& L) {
-  const T* logits = static_cast<const T*>(L.logits);
-  const int64_t n_slices = (L.n_cols + L.slice_cols - 1) / L.slice_cols;
-  const int64_t n_tasks = L.n_rows * n_slices;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(L.stream);
-  Partials parts = carve(L.workspace, n_tasks);
-  slice_kernel<T><<<static_cast<unsigned>(n_tasks), kThreads, 0, stream>>>(
-      logits, L.n_cols, L.row_stride, L.col_stride, L.targets, L.ignore_index, L.slice_cols,
-      n_slices, parts);
-  const int threads = 128;
-  const unsigned blocks = static_cast<unsigned>((L.n_rows + threads - 1) / threads);
-  finish_kernel<T><<<blocks, threads, 0, stream>>>(
-      logits, L.n_rows, L.n_cols, L.row_stride, L.col_stride, L.targets, L.ignore_index, n_slices,
-      parts, L.rank, L.ties, L.logp, L.bad, L.stats, L.hist_len);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
 
 }  // namespace
 
-int64_t workspace_bytes(int64_t n_rows, int64_t n_slices) {
-  return 5 * align_up(n_rows * n_slices * 4, 256);
+int64_t token_stats_workspace_bytes(int64_t n_rows, int64_t n_cols) {
+  return partials_bytes(n_rows * ceil_div(n_cols, slice_cols(n_rows, n_cols)));
 }
 
-const char* token_stats(const Launch& L) {
-  if (L.n_rows == 0) return "";
-  if (L.n_rows * ((L.n_cols + L.slice_cols - 1) / L.slice_cols) > 0x7fffffffLL)
-    return "too many (row, slice) blocks for one launch";
-  switch (L.dtype) {
-    case 0: return launch<float>(L);
-    case 1: return launch<__nv_bfloat16>(L);
-    case 2: return launch<__half>(L);
-  }
-  return "unsupported dtype code";
+const char* token_stats(const KernelArgs& a) {
+  const int64_t n_rows = a.logits.n_rows, n_cols = a.logits.n_cols;
+  if (n_rows == 0) return "";
+  const int64_t cols = slice_cols(n_rows, n_cols);
+  const int64_t n_slices = ceil_div(n_cols, cols);
+  if (n_rows * n_slices > 0x7fffffffLL) return "too many (row, slice) blocks for one launch";
+  if (a.workspace_bytes < partials_bytes(n_rows * n_slices)) return "workspace too small";
+  const Partials parts = carve(a.workspace, n_rows * n_slices);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  return dispatch_dtype(a.logits.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    slice_kernel<T><<<static_cast<unsigned>(n_rows * n_slices), kThreads, 0, stream>>>(
+        a, cols, n_slices, parts);
+    finish_kernel<T><<<static_cast<unsigned>(ceil_div(n_rows, kFinishThreads)), kFinishThreads, 0,
+                       stream>>>(a, n_slices, parts);
+    return launch_error();
+  });
 }
 
 }  // namespace cuda

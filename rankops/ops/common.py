@@ -154,14 +154,16 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
 def prepare(logits, targets, *, ignore_index: int, vocab_size: Optional[int], backend: str,
             check_finite: bool, validate: bool):
     """Every check an op's arguments need, in one place; returns (targets as contiguous int64,
-    RowOptions). With validate=False the targets' range is left to the kernels, which treat an
-    out-of-range target as an ignored row (the C++ kernel raises: checking costs no sync there)."""
+    RowOptions). The targets' range is checked once: here (a sync on a GPU), or by the C++ kernel
+    for backend "cpu" (before it reads a row, at no extra cost). With validate=False the GPU
+    kernels and the reference are not checked: an out-of-range target comes back as an ignored row."""
     check_flags(check_finite, validate)
     n_cols = check_inputs(logits, targets, ignore_index, vocab_size)
     backend = resolve_backend(backend, logits)
-    if validate:
-        check_target_range(targets, ignore_index, n_cols)
+    # Compared in int64, never in the targets' own dtype: ignore_index = -100 would wrap in uint8.
     targets = targets.to(torch.int64).contiguous()
+    if validate and backend != "cpu":  # the C++ kernel checks the range itself, at no cost
+        check_target_range(targets, ignore_index, n_cols)
     return targets, RowOptions(ignore_index, n_cols, backend, check_finite, validate)
 
 

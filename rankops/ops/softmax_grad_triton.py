@@ -4,13 +4,15 @@
 
 One program per (row, block of BLOCK columns): there is no reduction, so each element is one
 load, one exp2 (argument pre-scaled by log2(e)), one fp32 multiply and one store rounded to
-nearest even. Offsets are 64-bit. Nothing here synchronises with the host.
+nearest even. The logits' rows are found from their own leading sizes and strides (any N-d
+strided view, no reshape copy); grad is contiguous. Offsets are 64-bit. Nothing here
+synchronises with the host.
 """
 import torch
 import triton
 import triton.language as tl
 
-from rankops.ops.token_stats_triton import _load_f32
+from rankops.ops.token_stats_triton import _load_f32, _row_offset
 
 MAX_BLOCK = 4096  # columns per program
 
@@ -36,9 +38,9 @@ def _store_rounded(ptrs, g, mask, OUT: tl.constexpr):
 
 
 @triton.jit
-def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, grad_ptr, stride_row, stride_col,
-                 n_cols, row_len, ignore_index, BLOCK: tl.constexpr, BF16_BITS: tl.constexpr,
-                 OUT: tl.constexpr):
+def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, grad_ptr, lead_sizes, lead_strides,
+                 stride_col, n_cols, row_len, ignore_index, BLOCK: tl.constexpr,
+                 N_LEAD: tl.constexpr, BF16_BITS: tl.constexpr, OUT: tl.constexpr):
     # Rows on grid axis 0 (up to 2^31 - 1 programs); column blocks on axis 1 (65535 at most).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -52,7 +54,8 @@ def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, grad_ptr, stride_r
     live = cols < tl.where(keep, n_cols, 0)
     lse = tl.load(lse_ptr + row)
     scale = tl.load(scale_ptr + row)
-    x = _load_f32(logits_ptr + row * stride_row + cols * stride_col, live, BF16_BITS)
+    row_ptr = logits_ptr + _row_offset(row, lead_sizes, lead_strides, N_LEAD)
+    x = _load_f32(row_ptr + cols * stride_col, live, BF16_BITS)
     # Subtract before scaling by log2(e): z * log2(e) alone would carry rounding error of the
     # size of |z| u into the exponent, where (z - lse) * log2(e) carries only |z - lse| u.
     p = tl.exp2((x - lse) * 1.4426950408889634)
@@ -71,11 +74,14 @@ def launch(logits, targets, lse, scale, ignore_index, n_cols, grad):  # TEMPORAR
 
 def _launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
            ignore_index: int, n_cols: int, grad: torch.Tensor):
-    """logits [N, V] (any strides), targets [N] int64, lse and scale [N] float32 (contiguous);
-    writes grad [N, V] (contiguous, the logits' dtype) in place."""
-    n_rows, row_len = logits.shape
+    """logits [..., V] (any strides); targets int64, lse and scale float32, contiguous of the
+    leading shape; writes grad (contiguous, the logits' shape and dtype) in place."""
+    row_len = logits.shape[-1]
+    n_rows = targets.numel()
     if n_rows == 0 or row_len == 0:
         return grad
+    if logits.dim() == 1:  # one row without leading dimensions
+        logits = logits.unsqueeze(0)
     bf16_bits = logits.dtype == torch.bfloat16
     out = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[logits.dtype]
     if bf16_bits:
@@ -84,8 +90,9 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scal
     block = max(16, min(MAX_BLOCK, triton.next_power_of_2(row_len)))
     if triton.cdiv(row_len, block) > 65535:  # the grid's second axis
         raise ValueError(f"rows of {row_len} columns are too long for the Triton softmax_grad")
+    lead_sizes, lead_strides = tuple(logits.shape[:-1]), tuple(logits.stride()[:-1])
     _grad_kernel[(n_rows, triton.cdiv(row_len, block))](
-        logits, targets, lse, scale, grad_out, logits.stride(0), logits.stride(1), n_cols, row_len,
-        ignore_index, BLOCK=block, BF16_BITS=bf16_bits, OUT=out,
+        logits, targets, lse, scale, grad_out, lead_sizes, lead_strides, logits.stride(-1), n_cols,
+        row_len, ignore_index, BLOCK=block, N_LEAD=len(lead_sizes), BF16_BITS=bf16_bits, OUT=out,
         num_warps=8 if block >= 2048 else 4)
     return grad

@@ -7,15 +7,19 @@ argument pre-scaled by log2(e), and one rescale per tile). A second kernel merge
 partials in a fixed order (log-add-exp for the sums, integer addition for the counts), writes
 rank, ties and logp, and for accumulation adds the token to the per-rank int64 histograms with
 integer atomics on exact fixed-point logp, so the histograms are bit-identical run after run.
-The slices do not depend on the launch configuration, so neither does any result. Offsets are
-64-bit. Nothing here synchronises with the host.
+The slices do not depend on the launch configuration, so neither does any result. Rows are
+found from the logits' own leading sizes and strides (any N-d strided view, no reshape copy);
+offsets are 64-bit. Nothing here synchronises with the host.
+
+The accumulator's state layout (its rows, fixed-point scale and limit) belongs to the accumulate
+op: the caller passes it in (`rows`, `logp_scale`, `logp_limit`) and the kernel takes it as
+compile-time constants.
 """
 import torch
 import triton
 import triton.language as tl
 
 SLICE_COLS = 16384   # columns per program: keeps few-row, huge-V inputs spread over the GPU
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -31,18 +35,46 @@ def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _slice_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignore_index,
-                  part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr, part_bad_ptr,
-                  n_slices, SLICE: tl.constexpr, BLOCK: tl.constexpr, BF16_BITS: tl.constexpr):
+def _row_offset(row, lead_sizes, lead_strides, N_LEAD: tl.constexpr):
+    """Element offset of flat (row-major) row `row` in logits with N_LEAD strided leading
+    dimensions: the index of each dimension is peeled off from the last one. int64 throughout."""
+    offset = tl.zeros((), tl.int64)
+    for k in tl.static_range(N_LEAD):
+        d = N_LEAD - 1 - k
+        offset += (row % lead_sizes[d]) * lead_strides[d]
+        row = row // lead_sizes[d]
+    return offset
+
+
+@triton.jit
+def _row_target(logits_ptr, targets_ptr, target_logit_ptr, row, lead_sizes, lead_strides,
+                stride_col, n_cols, ignore_index, N_LEAD: tl.constexpr, EXTERNAL: tl.constexpr,
+                BF16_BITS: tl.constexpr):
+    """A row's start, whether it is kept, and its target logit. With an external target logit
+    (EXTERNAL) the index only marks ignored rows and is never read; otherwise a target outside
+    [0, n_cols) (only possible with validate=False) reads nothing and comes out as ignored."""
+    row_ptr = logits_ptr + _row_offset(row, lead_sizes, lead_strides, N_LEAD)
+    t = tl.load(targets_ptr + row)
+    if EXTERNAL:
+        keep = t != ignore_index
+        z_t = tl.load(target_logit_ptr + row)
+    else:
+        keep = (t != ignore_index) & (t >= 0) & (t < n_cols)
+        z_t = _load_f32(row_ptr + tl.where(keep, t, 0) * stride_col, True, BF16_BITS)
+    return row_ptr, keep, z_t
+
+
+@triton.jit
+def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_strides, stride_col,
+                  n_cols, ignore_index, part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr,
+                  part_bad_ptr, n_slices, SLICE: tl.constexpr, BLOCK: tl.constexpr,
+                  N_LEAD: tl.constexpr, EXTERNAL: tl.constexpr, BF16_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     sl = tl.program_id(1).to(tl.int64)
-    t = tl.load(targets_ptr + row)
-    # Targets outside [0, n_cols) (only possible with validate=False) read nothing and come
-    # out as ignored: the kernel never reads outside the row.
-    keep = (t != ignore_index) & (t >= 0) & (t < n_cols)
-    row_ptr = logits_ptr + row * stride_row
     # The target logit first: every compare of the stream is against it.
-    z_t = _load_f32(row_ptr + tl.where(keep, t, 0) * stride_col, True, BF16_BITS)
+    row_ptr, keep, z_t = _row_target(logits_ptr, targets_ptr, target_logit_ptr, row, lead_sizes,
+                                     lead_strides, stride_col, n_cols, ignore_index, N_LEAD,
+                                     EXTERNAL, BF16_BITS)
     begin = sl * SLICE
     end = tl.minimum(begin + SLICE, n_cols)
     end = tl.where(keep, end, begin)  # an ignored row reads nothing
@@ -76,14 +108,18 @@ def _slice_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignor
 
 
 @triton.jit
-def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, ignore_index,
-                   part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr, part_bad_ptr, n_slices,
-                   rank_ptr, ties_ptr, logp_ptr, bad_ptr, stats_ptr, hist_len,
-                   ACCUMULATE: tl.constexpr, BF16_BITS: tl.constexpr):
+def _finish_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_strides, stride_col,
+                   n_cols, ignore_index, part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr,
+                   part_bad_ptr, n_slices, rank_ptr, ties_ptr, logp_ptr, bad_ptr, stats_ptr,
+                   hist_len, N_LEAD: tl.constexpr, EXTERNAL: tl.constexpr, BF16_BITS: tl.constexpr,
+                   ACCUMULATE: tl.constexpr, ROW_COUNT: tl.constexpr, ROW_SUM_HI: tl.constexpr,
+                   ROW_SUM_LO: tl.constexpr, ROW_COUNT_PESS: tl.constexpr,
+                   ROW_SUM_HI_PESS: tl.constexpr, ROW_SUM_LO_PESS: tl.constexpr,
+                   LOGP_SCALE: tl.constexpr, LOGP_LIMIT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.load(targets_ptr + row)
-    keep = (t != ignore_index) & (t >= 0) & (t < n_cols)
-    z_t = _load_f32(logits_ptr + row * stride_row + tl.where(keep, t, 0) * stride_col, True, BF16_BITS)
+    _, keep, z_t = _row_target(logits_ptr, targets_ptr, target_logit_ptr, row, lead_sizes,
+                               lead_strides, stride_col, n_cols, ignore_index, N_LEAD, EXTERNAL,
+                               BF16_BITS)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     gt = tl.zeros((), tl.int64)
@@ -100,51 +136,69 @@ def _finish_kernel(logits_ptr, targets_ptr, stride_row, stride_col, n_cols, igno
         eq += tl.load(part_eq_ptr + i)
         bad = bad | tl.load(part_bad_ptr + i)
     rank = gt
-    ties = eq - (z_t == z_t).to(tl.int64)  # the target is not its own tie
+    if EXTERNAL:
+        ties = eq  # the target may live on another shard: every equal value counts
+    else:
+        ties = eq - (z_t == z_t).to(tl.int64)  # the target is not its own tie
     logp = z_t - (m + tl.log(tl.where(keep, s, 1.0)))  # ignored rows summed nothing
     tl.store(rank_ptr + row, tl.where(keep, rank, -1))
     tl.store(ties_ptr + row, tl.where(keep, ties, 0))
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(bad_ptr + row, tl.where(keep, bad, 0))
     if ACCUMULATE:
-        # Exact fixed point (rankops.accumulate): q = floor(logp * 2^40 + 1/2), added as
-        # hi = q >> 32 and lo = q & (2^32 - 1); the caller moves lo's carry afterwards.
-        # Only logp gates the add (a -inf logit elsewhere in the row is fine); the caller
-        # decides from `bad` whether non-finite logits fail the call.
-        ok = keep & (tl.abs(logp) < 8388608.0)
-        q = tl.floor(logp.to(tl.float64) * 1099511627776.0 + 0.5).to(tl.int64)
+        # Exact fixed point with the caller's scale: q = floor(logp * LOGP_SCALE + 1/2), added
+        # as two words, hi = q >> 32 (arithmetic) and lo = q & (2^32 - 1); the caller moves lo's
+        # carry afterwards. Only logp gates the add (a -inf logit elsewhere in the row is fine;
+        # NaN fails the comparison); the caller decides from `bad` whether non-finite logits
+        # fail the call.
+        ok = keep & (tl.abs(logp) < LOGP_LIMIT)
+        q = tl.floor(logp.to(tl.float64) * LOGP_SCALE + 0.5).to(tl.int64)
         q = tl.where(ok, q, 0)
         hi = q >> 32
         lo = q & 0xFFFFFFFF
         kp = rank + ties
         one = tl.full((), 1, tl.int64)
-        tl.atomic_add(stats_ptr + 0 * hist_len + rank, one, mask=ok)
-        tl.atomic_add(stats_ptr + 1 * hist_len + rank, hi, mask=ok)
-        tl.atomic_add(stats_ptr + 2 * hist_len + rank, lo, mask=ok)
-        tl.atomic_add(stats_ptr + 3 * hist_len + kp, one, mask=ok)
-        tl.atomic_add(stats_ptr + 4 * hist_len + kp, hi, mask=ok)
-        tl.atomic_add(stats_ptr + 5 * hist_len + kp, lo, mask=ok)
+        tl.atomic_add(stats_ptr + ROW_COUNT * hist_len + rank, one, mask=ok)
+        tl.atomic_add(stats_ptr + ROW_SUM_HI * hist_len + rank, hi, mask=ok)
+        tl.atomic_add(stats_ptr + ROW_SUM_LO * hist_len + rank, lo, mask=ok)
+        tl.atomic_add(stats_ptr + ROW_COUNT_PESS * hist_len + kp, one, mask=ok)
+        tl.atomic_add(stats_ptr + ROW_SUM_HI_PESS * hist_len + kp, hi, mask=ok)
+        tl.atomic_add(stats_ptr + ROW_SUM_LO_PESS * hist_len + kp, lo, mask=ok)
 
 
-def launch(logits, targets, ignore_index, n_cols, *, target_logit=None, stats=None, rows=None,
-           logp_scale=None, logp_limit=None):  # TEMPORARY adapter until the kernel rewrite lands
-    if target_logit is not None:
-        raise NotImplementedError("target_logit")
-    flat = logits.reshape(-1, logits.shape[-1])
-    r, t, lp, bad = _launch(flat, targets.reshape(-1), ignore_index, n_cols, stats)
-    return r.view(targets.shape), t.view(targets.shape), lp.view(targets.shape), bad.view(targets.shape)
+def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int, *,
+           target_logit=None, stats=None, rows=None, logp_scale=None, logp_limit=None):
+    """logits [..., V] (any strides), targets int64 contiguous of the leading shape.
 
-
-def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_cols: int,
-           stats=None):
-    """logits [N, V] (any strides), targets [N] int64 contiguous; with stats ([6, V] int64, the
-    accumulator's layout) also adds every kept token with a finite logp to it. Returns per-row
-    rank, ties, logp and a non-finite flag."""
-    n_rows = logits.shape[0]
+    target_logit: optional float32 contiguous of the leading shape, the external target-logit
+    mode (rows kept iff target != ignore_index, the index never read, ties raw).
+    stats: optional [6, V] int64 state; every kept token with |logp| < logp_limit is added at
+    the rows `rows` = (count, sum_hi, sum_lo, count_pess, sum_hi_pess, sum_lo_pess) with fixed
+    point scale logp_scale (all three required with stats; not with target_logit).
+    Returns rank, ties, logp and int32 non-finite flags, all of the leading shape."""
+    if stats is not None:
+        if rows is None or logp_scale is None or logp_limit is None:
+            raise TypeError("launch(stats=...) needs the state's layout: rows, logp_scale and logp_limit")
+        if len(rows) != 6:
+            raise ValueError(f"rows must name the state's 6 rows, got {rows!r}")
+        if target_logit is not None:
+            raise ValueError("stats cannot be combined with target_logit: per-shard ranks are partial")
     device = logits.device
+    lead_shape = targets.shape
+    rank = torch.empty(lead_shape, dtype=torch.int64, device=device)
+    ties = torch.empty_like(rank)
+    logp = torch.empty(lead_shape, dtype=torch.float32, device=device)
+    bad = torch.empty(lead_shape, dtype=torch.int32, device=device)
+    n_rows = targets.numel()
+    if n_rows == 0:
+        return rank, ties, logp, bad
+    if logits.dim() == 1:  # one row without leading dimensions
+        logits = logits.unsqueeze(0)
     bf16_bits = logits.dtype == torch.bfloat16
     if bf16_bits:
         logits = logits.view(torch.int16)  # same strides, the raw bit patterns
+    geometry = (tuple(logits.shape[:-1]), tuple(logits.stride()[:-1]), logits.stride(-1))
+    external = target_logit is not None
     n_slices = triton.cdiv(n_cols, SLICE_COLS)
     block = min(4096, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
     part_max = torch.empty(n_rows * n_slices, dtype=torch.float32, device=device)
@@ -152,18 +206,20 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_co
     part_gt = torch.empty(n_rows * n_slices, dtype=torch.int64, device=device)
     part_eq = torch.empty_like(part_gt)
     part_bad = torch.empty(n_rows * n_slices, dtype=torch.int32, device=device)
+    parts = (part_max, part_sum, part_gt, part_eq, part_bad, n_slices)
+    # Unused pointers get a valid placeholder tensor; constexpr flags keep them unread.
+    target_logit_arg = target_logit if external else logp
     _slice_kernel[(n_rows, n_slices)](
-        logits, targets, logits.stride(0), logits.stride(1), n_cols, ignore_index,
-        part_max, part_sum, part_gt, part_eq, part_bad, n_slices, SLICE=SLICE_COLS, BLOCK=block,
+        logits, targets, target_logit_arg, *geometry, n_cols, ignore_index, *parts,
+        SLICE=SLICE_COLS, BLOCK=block, N_LEAD=len(geometry[0]), EXTERNAL=external,
         BF16_BITS=bf16_bits, num_warps=8 if block >= 2048 else 4)
-    rank = torch.empty(n_rows, dtype=torch.int64, device=device)
-    ties = torch.empty_like(rank)
-    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
-    bad = torch.empty(n_rows, dtype=torch.int32, device=device)
     accumulate = stats is not None
+    layout = dict(zip(("ROW_COUNT", "ROW_SUM_HI", "ROW_SUM_LO", "ROW_COUNT_PESS", "ROW_SUM_HI_PESS",
+                       "ROW_SUM_LO_PESS"), rows if accumulate else (0,) * 6))
     _finish_kernel[(n_rows,)](
-        logits, targets, logits.stride(0), logits.stride(1), n_cols, ignore_index,
-        part_max, part_sum, part_gt, part_eq, part_bad, n_slices,
+        logits, targets, target_logit_arg, *geometry, n_cols, ignore_index, *parts,
         rank, ties, logp, bad, stats if accumulate else rank, stats.shape[1] if accumulate else 0,
-        ACCUMULATE=accumulate, BF16_BITS=bf16_bits, num_warps=1)
+        N_LEAD=len(geometry[0]), EXTERNAL=external, BF16_BITS=bf16_bits, ACCUMULATE=accumulate,
+        LOGP_SCALE=float(logp_scale) if accumulate else 0.0,
+        LOGP_LIMIT=float(logp_limit) if accumulate else 0.0, **layout, num_warps=1)
     return rank, ties, logp, bad
