@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from rankops import _ext
-from rankops.accumulate import (COUNT, COUNT_PESS, LOGP_LIMIT, LOGP_SCALE, SUM_HI, SUM_HI_PESS,
-                                SUM_LO, SUM_LO_PESS, RankAccumulator)
+from rankops.accumulate import RankAccumulator
+from rankops.ops.accumulate import (COUNT, COUNT_PESS, LAYOUT as STATE_LAYOUT, LOGP_LIMIT, LOGP_SCALE,
+                                    SUM_HI, SUM_HI_PESS, SUM_LO, SUM_LO_PESS)
 
 STATE_ROWS = (COUNT, SUM_HI, SUM_LO, COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS)
-LAYOUT = dict(rows=STATE_ROWS, logp_scale=LOGP_SCALE, logp_limit=LOGP_LIMIT)
+LAYOUT = STATE_LAYOUT.kernel_constants()
 ON_GPU = torch.cuda.is_available()
 
 
