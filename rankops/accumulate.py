@@ -4,6 +4,7 @@ A thin holder of the state that rankops.ops.accumulate defines and writes (layou
 point, failure semantics: docs/DESIGN.md, "The accumulator's state"). Nothing here reads or
 writes the state's rows except through that module.
 """
+import threading
 from typing import Optional
 
 import torch
@@ -14,6 +15,9 @@ from rankops.ops.accumulate import (COUNT, COUNT_PESS, LOGP_LIMIT, SUM_HI, SUM_H
                                     SUM_LO_PESS, fixed_to_float, normalize_carry, quantize_logp)
 
 STATE_FORMAT = 1
+# The state is 6 int64 rows of vocab_size bins (48 bytes a bin); ranks index int64 arrays, and
+# the kernels take vocabulary indices as int64 but the largest real vocabularies are ~1e6.
+MAX_VOCAB_SIZE = 2 ** 31 - 1
 
 
 class RankAccumulator:
@@ -36,14 +40,31 @@ class RankAccumulator:
     def __init__(self, vocab_size: int, *, device: Optional[torch.device] = None):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be in [1, {MAX_VOCAB_SIZE}], got {vocab_size}")
+        device = _check_device(device)
         self.vocab_size = vocab_size
         self._device_fixed = device is not None
+        # One update at a time: the kernels release the GIL, and two threads adding into the
+        # same state would race on its words. The lock costs nothing next to a kernel call.
+        self._lock = threading.RLock()
         # stats [6, vocab_size]: rows as in rankops.ops.accumulate; n_tied: tokens with >= 1 tie;
         # n_skipped: tokens left out by update(validate=False).
-        self.stats, self.n_tied, self.n_skipped = state_ops.new_state(vocab_size, device)
+        try:
+            self.stats, self.n_tied, self.n_skipped = state_ops.new_state(vocab_size, device)
+        except RuntimeError as exc:  # out of memory on the device
+            raise MemoryError(f"vocab_size={vocab_size}: the state needs {48 * vocab_size} bytes "
+                              f"on {device or 'cpu'}, which could not be allocated ({exc})") from None
         self.ties_known = True  # False once update_stats() was given no ties
+
+    def __getstate__(self):  # pickling (copy.deepcopy, torch.save of the object): no lock
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # Read-only views of the state.
     @property
@@ -102,10 +123,11 @@ class RankAccumulator:
         logp cannot be accumulated is then left out and counted in n_skipped, which
         decompose() reports."""
         device = logits.device if isinstance(logits, torch.Tensor) else self.device
-        state = self._state_on(device, "logits")
-        state_ops.accumulate(logits, targets, *state, ignore_index=ignore_index, backend=backend,
-                             check_finite=check_finite, validate=validate)
-        self._adopt(state)
+        with self._lock:
+            state = self._state_on(device, "logits")
+            state_ops.accumulate(logits, targets, *state, ignore_index=ignore_index, backend=backend,
+                                 check_finite=check_finite, validate=validate)
+            self._adopt(state)
 
     def update_stats(self, rank: torch.Tensor, logp: torch.Tensor,
                      ties: Optional[torch.Tensor] = None) -> None:
@@ -124,6 +146,14 @@ class RankAccumulator:
             raise TypeError(f"logp must be a floating-point tensor, got dtype {logp.dtype}")
         if ties is not None and (ties.is_floating_point() or ties.dtype == torch.bool):
             raise TypeError(f"ties must be an integer tensor, got dtype {ties.dtype}")
+        for name, x in (("rank", rank), ("logp", logp), ("ties", ties)):
+            if x is not None and (x.layout != torch.strided or x.device.type not in ("cpu", "cuda")):
+                raise TypeError(f"{name} must be a dense tensor on a CPU or CUDA device, got "
+                                f"layout {x.layout} on {x.device}")
+        with self._lock:
+            self._update_stats(rank, logp, ties)
+
+    def _update_stats(self, rank, logp, ties) -> None:
         state = self._state_on(rank.device, "rank")
         device = state[0].device
         rank = rank.reshape(-1).to(device, torch.int64)
@@ -154,9 +184,11 @@ class RankAccumulator:
         if other.vocab_size != self.vocab_size:
             raise ValueError(f"cannot merge accumulators of vocab_size {self.vocab_size} and "
                              f"{other.vocab_size}")
-        state_ops.merge_state(self.stats, self.n_tied, self.n_skipped,
-                              other.stats, other.n_tied, other.n_skipped)
-        self.ties_known = self.ties_known and other.ties_known
+        with other._lock:  # a snapshot, so no two locks are ever held together
+            theirs = (other.stats.clone(), other.n_tied.clone(), other.n_skipped.clone(), other.ties_known)
+        with self._lock:
+            state_ops.merge_state(self.stats, self.n_tied, self.n_skipped, *theirs[:3])
+            self.ties_known = self.ties_known and theirs[3]
         return self
 
     def all_reduce(self, group=None) -> "RankAccumulator":
@@ -166,16 +198,10 @@ class RankAccumulator:
         the accumulator of all tokens, bit for bit. gloo takes CPU state, nccl CUDA state (CPU
         state is moved to the current GPU for the collective). Call it once: a second call
         would add the totals again."""
-        from rankops.distributed import all_reduce_tensor
-        # One MAX over (V, -V, -ties_known) finds differing vocabularies and unknown ties cheaply,
-        # before the big collective: every process sees the same answer and raises alike.
-        meta = torch.tensor([self.vocab_size, -self.vocab_size, -int(self.ties_known)], dtype=torch.int64)
-        v_max, neg_v_min, neg_ties_known = all_reduce_tensor(meta, "max", group, self.device).tolist()
-        if v_max != -neg_v_min:
-            raise ValueError(f"vocab_size differs between processes (from {-neg_v_min} to {v_max}): "
-                             "every process must accumulate the same vocabulary")
-        self._adopt(state_ops.all_reduce_state(self.stats, self.n_tied, self.n_skipped, group))
-        self.ties_known = -neg_ties_known == 1
+        with self._lock:
+            *state, self.ties_known = state_ops.all_reduce_state(
+                self.stats, self.n_tied, self.n_skipped, group, self.ties_known)
+            self._adopt(state)
         return self
 
     def update_vocab_parallel(self, local_logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int,
@@ -186,11 +212,17 @@ class RankAccumulator:
         process of the group adds the same tokens, so its accumulators stay equal; all_reduce
         over the data-parallel group only. vocab_size defaults to the accumulator's."""
         from rankops.ops.vocab_parallel import token_stats_vocab_parallel
-        if vocab_size is not None and vocab_size > self.vocab_size:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the accumulator's vocab_size={self.vocab_size}")
+        local_error = None
+        if vocab_size is not None and not isinstance(vocab_size, bool) and isinstance(vocab_size, int) \
+                and vocab_size > self.vocab_size:
+            local_error = ValueError(f"vocab_size={vocab_size} exceeds the accumulator's "
+                                     f"vocab_size={self.vocab_size}")
+        # The check above is agreed with the other processes inside the call, before any of
+        # them computes: all raise together.
         stats = token_stats_vocab_parallel(local_logits, targets, vocab_start=vocab_start,
                                            vocab_size=self.vocab_size if vocab_size is None else vocab_size,
-                                           group=group, ignore_index=ignore_index, check_finite=check_finite)
+                                           group=group, ignore_index=ignore_index, check_finite=check_finite,
+                                           _local_error=local_error)
         self.update_stats(stats.rank, stats.logp, ties=stats.ties)
 
     def copy(self) -> "RankAccumulator":
@@ -210,22 +242,41 @@ class RankAccumulator:
                 "ties_known": self.ties_known}
 
     def load_state_dict(self, state: dict) -> None:
+        """Replaces the state with a state_dict()'s, after checking that some sequence of
+        updates could have produced it (rankops.ops.accumulate.check_state); on any error the
+        accumulator is left as it was."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = [k for k in ("format", "vocab_size", "stats", "n_tied") if k not in state]
         if missing:
             raise ValueError(f"state is missing {missing}")
+        for key in ("format", "vocab_size"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int):
+                raise TypeError(f"state[{key!r}] must be an int, got {state[key]!r}")
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"state has format {state['format']}, this version reads {STATE_FORMAT}")
         if state["vocab_size"] != self.vocab_size:
             raise ValueError(f"state has vocab_size {state['vocab_size']}, the accumulator "
                              f"{self.vocab_size}")
-        n_tied = torch.as_tensor(state["n_tied"], dtype=torch.int64)
-        n_skipped = torch.as_tensor(state.get("n_skipped", 0), dtype=torch.int64)
-        state_ops.check_state_tensors(state["stats"], n_tied, n_skipped, self.vocab_size)
-        self._adopt((state["stats"].to(self.device).clone(), n_tied.reshape(()).to(self.device).clone(),
-                     n_skipped.reshape(()).to(self.device).clone()))
-        self.ties_known = bool(state.get("ties_known", True))
+        ties_known = state.get("ties_known", True)
+        if not isinstance(ties_known, bool):
+            raise TypeError(f"state['ties_known'] must be a bool, got {ties_known!r}")
+        counters = []
+        for key in ("n_tied", "n_skipped"):
+            value = state.get(key, 0)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = torch.tensor(value, dtype=torch.int64)
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.numel() != 1:
+                raise TypeError(f"state[{key!r}] must be an int or an int64 tensor holding one "
+                                f"number, got {value!r}")
+            counters.append(value)
+        stats = state["stats"]
+        state_ops.check_state(stats, *counters, self.vocab_size, ties_known=ties_known)
+        new = (stats.to(self.device).contiguous().clone(), counters[0].reshape(()).to(self.device).clone(),
+               counters[1].reshape(()).to(self.device).clone())
+        with self._lock:
+            self._adopt(new)
+            self.ties_known = ties_known
 
     def decompose(self, ties: str = "strict") -> Decomposition:
         """The decomposition of everything added so far; ties="pessimistic" uses rank + ties."""
@@ -237,3 +288,16 @@ class RankAccumulator:
     def __repr__(self) -> str:
         return (f"RankAccumulator(vocab_size={self.vocab_size}, n_tokens={self.n_tokens}, "
                 f"device={self.device})")
+
+
+def _check_device(device):
+    """None, or a torch.device this machine has (a clear error for a missing GPU)."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available on this machine")
+    return device

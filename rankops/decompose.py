@@ -38,8 +38,9 @@ class Decomposition:
 
     @property
     def error_entropy_share(self) -> float:
-        """The paper's share of Error-Entropy in cross-entropy, EE / CE."""
-        return self.error_entropy / self.cross_entropy
+        """The paper's share of Error-Entropy in cross-entropy, EE / CE (NaN when CE = 0: a
+        model right on every token with probability 1 has no cross-entropy to share)."""
+        return self.error_entropy / self.cross_entropy if self.cross_entropy != 0 else float("nan")
 
     @property
     def magnitude_shares(self) -> dict:
@@ -70,7 +71,11 @@ class Decomposition:
         return self.cross_entropy - (self.error_entropy + self.self_alignment - self.confidence)
 
     def as_dict(self, arrays: bool = False) -> dict:
-        """Scalars (and, with arrays=True, the per-rank arrays as lists), JSON-ready."""
+        """Scalars (and, with arrays=True, the per-rank arrays as lists), JSON-ready: a share
+        that is undefined (NaN, when CE or every component is 0) is None."""
+        def share(x):
+            return None if math.isnan(x) else x
+
         d = {
             "ties": self.ties,
             "n_tokens": self.n_tokens,
@@ -79,8 +84,8 @@ class Decomposition:
             "error_entropy": self.error_entropy,
             "self_alignment": self.self_alignment,
             "confidence": self.confidence,
-            "error_entropy_share": self.error_entropy_share,
-            "magnitude_shares": self.magnitude_shares,
+            "error_entropy_share": share(self.error_entropy_share),
+            "magnitude_shares": {k: share(v) for k, v in self.magnitude_shares.items()},
             "top1_accuracy": self.top1_accuracy,
             "mean_reciprocal_rank": self.mean_reciprocal_rank,
         }
@@ -105,6 +110,10 @@ class Decomposition:
 
 def _as_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided or x.device.type == "meta":
+            raise TypeError(f"{name} must be a dense tensor with data, got layout {x.layout} on {x.device}")
+        if x.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16; upcasting is exact
+            x = x.to(torch.float64)
         return x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         return x
@@ -133,10 +142,21 @@ def decompose_counts(count, sum_logp, *, ties: str = "strict") -> Decomposition:
     if ranks.size == 0:
         raise ValueError("nothing to decompose: n_tokens = 0 (every token was ignored, or none "
                          "was added)")
-    n_k = count[ranks].astype(np.int64)
-    L_k = sum_logp[ranks].astype(np.float64)
+    if (sum_logp[count == 0] != 0).any():
+        raise ValueError("sum_logp is nonzero for a rank with count 0")
+    return _decompose_observed(ranks.astype(np.int64), count[ranks], sum_logp[ranks], ties)
+
+
+def _decompose_observed(ranks: np.ndarray, n_k: np.ndarray, L_k: np.ndarray, ties: str) -> Decomposition:
+    """The decomposition from the observed ranks only (ascending), their counts and logp sums."""
+    if sum(int(n) for n in n_k) >= 2 ** 63:
+        raise ValueError("count: the counts total 2^63 tokens or more (int64 overflow)")
+    n_k = n_k.astype(np.int64)
+    L_k = L_k.astype(np.float64)
     if not np.isfinite(L_k).all():
         raise ValueError("sum_logp holds non-finite values for observed ranks")
+    if (L_k > 0).any():
+        raise ValueError("sum_logp holds a positive sum: log-probabilities are <= 0")
     n_tokens = int(n_k.sum())
     n_float = n_k.astype(np.float64)
     P = n_float / n_tokens
@@ -152,7 +172,7 @@ def decompose_counts(count, sum_logp, *, ties: str = "strict") -> Decomposition:
         self_alignment=_fsum(P * (log_P - log_Q)),
         confidence=log_Z,
         n_tokens=n_tokens,
-        ranks=ranks.astype(np.int64),
+        ranks=ranks,
         counts=n_k,
         P=P,
         Q=np.exp(log_Q),
@@ -160,8 +180,9 @@ def decompose_counts(count, sum_logp, *, ties: str = "strict") -> Decomposition:
     )
 
 
-def rank_histograms(rank, logp):
-    """Per-rank count (int64) and sum of logp (float64) from per-token arrays; rank -1 is dropped."""
+def _observed_histograms(rank, logp):
+    """The observed ranks (ascending), their counts and logp sums, in memory O(tokens) whatever
+    the largest rank (a bincount would allocate up to it)."""
     rank = _as_numpy(rank, "rank")
     logp = _as_numpy(logp, "logp")
     if rank.shape != logp.shape:
@@ -170,15 +191,18 @@ def rank_histograms(rank, logp):
         raise TypeError(f"rank must hold integers, got dtype {rank.dtype}")
     if not np.issubdtype(logp.dtype, np.floating):
         raise TypeError(f"logp must hold floats, got dtype {logp.dtype}")
-    rank = rank.reshape(-1)
-    logp = logp.reshape(-1)
+    rank, logp = rank.reshape(-1), logp.reshape(-1)
     if (rank < -1).any():
         raise ValueError("rank must be >= 0, or -1 for ignored tokens")
     keep = rank >= 0
-    r, lp = rank[keep], logp[keep].astype(np.float64)
+    r, lp = rank[keep].astype(np.int64), logp[keep].astype(np.float64)
     if not np.isfinite(lp).all():
         raise ValueError("logp holds non-finite values for kept tokens")
-    return np.bincount(r).astype(np.int64), np.bincount(r, weights=lp)
+    if (lp > 0).any():
+        raise ValueError("logp holds positive values: log-probabilities are <= 0")
+    ranks, inverse = np.unique(r, return_inverse=True)
+    return ranks, np.bincount(inverse, minlength=ranks.size), np.bincount(inverse, weights=lp,
+                                                                          minlength=ranks.size)
 
 
 def decompose(rank, logp, *, ties: str = "strict") -> Decomposition:
@@ -192,5 +216,10 @@ def decompose(rank, logp, *, ties: str = "strict") -> Decomposition:
         >>> round(d.error_entropy + d.self_alignment - d.confidence - d.cross_entropy, 12)
         0.0
     """
-    count, sum_logp = rank_histograms(rank, logp)
-    return decompose_counts(count, sum_logp, ties=ties)
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties must be one of {TIE_MODES}, got {ties!r}")
+    ranks, n_k, L_k = _observed_histograms(rank, logp)
+    if ranks.size == 0:
+        raise ValueError("nothing to decompose: n_tokens = 0 (every token was ignored, or none "
+                         "was added)")
+    return _decompose_observed(ranks, n_k, L_k, ties)

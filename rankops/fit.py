@@ -407,8 +407,14 @@ def fit_saturating(x, y, *, name: str | None = None, n_starts: int = 24,
                 best = res
     E, c, alpha = (float(v) for v in best.x)
     A = math.exp(c + alpha * lx0) * scale
+    # A start whose loss stayed infinite (or NaN) found nothing, whatever the optimiser says.
+    converged = bool(best.success) and math.isfinite(float(best.fun))
+    if not converged:
+        warnings.warn(f"fit_saturating{'' if name is None else f' ({name})'} did not converge "
+                      f"(loss {float(best.fun):.3g}): the fitted values are not a minimum",
+                      RankopsFitWarning, stacklevel=2)
     return SaturatingFit(E=E * scale, A=A, alpha=alpha, loss=float(best.fun), n_points=n,
-                         converged=bool(best.success), x=x, y=y, name=name,
+                         converged=converged, x=x, y=y, name=name,
                          huber_delta=huber_delta, n_starts=n_run)
 
 
@@ -485,6 +491,8 @@ def bootstrap(x, y, fitter=fit_power_law, *, n_resamples: int = 1000, confidence
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     full = fitter(x, y)  # validates x and y, and is the point estimate
     x, y = np.asarray(full.x), np.asarray(full.y)
     n = x.size
@@ -563,9 +571,13 @@ def leave_largest_out(x, y, fitter=fit_power_law) -> LeaveLargestOut:
     if x.size < 3:
         raise ValueError(f"leave_largest_out needs at least 3 points (2 to fit, 1 to predict), "
                          f"got {x.size}")
-    if not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(x))[0]
-        raise ValueError(f"x must be finite, got x[{bad}] = {x[bad]}")
+    for name, v in (("x", x), ("y", y)):
+        if not np.isfinite(v).all():
+            bad = np.flatnonzero(~np.isfinite(v))[0]
+            raise ValueError(f"{name} must be finite, got {name}[{bad}] = {v[bad]}")
+    if (y == 0).any():
+        bad = np.flatnonzero(y == 0)[0]
+        raise ValueError(f"y must be nonzero (power laws are fitted in log space), got y[{bad}] = 0")
     held = x == x.max()
     fit = fitter(x[~held], y[~held])
     predicted = float(np.asarray(fit.predict(x[held][0])))

@@ -25,6 +25,7 @@ backward pass is one more read and the write of the gradient (rankops.ops.softma
 per-rank statistics are [V]-long float64 vectors built with scatter-adds: no host sync unless
 validation asks for one.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -54,8 +55,7 @@ class RunningRankStats:
     def __init__(self, vocab_size: int, *, decay: float = 0.99, device=None):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
+        _check_decay(decay, "decay")
         self.vocab_size = vocab_size
         self.decay = float(decay)
         device = torch.device("cpu" if device is None else device)
@@ -80,17 +80,46 @@ class RunningRankStats:
                 "sum_logp": self.sum_logp.clone(), "n_updates": self.n_updates}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("vocab_size") != self.vocab_size:
-            raise ValueError(f"state has vocab_size={state.get('vocab_size')}, this object "
+        """Replaces the state with a state_dict()'s, after checking it could have been produced
+        by updates: vocab_size matches, decay in [0, 1], counts >= 0, logp sums <= 0 and zero
+        where the count is, everything finite, n_updates >= 0. On error nothing changes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("vocab_size", "decay", "count", "sum_logp", "n_updates") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        if state["vocab_size"] != self.vocab_size or isinstance(state["vocab_size"], bool):
+            raise ValueError(f"state has vocab_size={state['vocab_size']!r}, this object "
                              f"{self.vocab_size}")
+        _check_decay(state["decay"], "state['decay']")
+        n_updates = state["n_updates"]
+        if isinstance(n_updates, bool) or not isinstance(n_updates, int) or n_updates < 0:
+            raise ValueError(f"state['n_updates'] must be an int >= 0, got {n_updates!r}")
+        arrays = {}
+        for key in ("count", "sum_logp"):
+            x = state[key]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) != (self.vocab_size,):
+                raise ValueError(f"state[{key!r}] must be a floating-point tensor of shape ({self.vocab_size},)")
+            x = x.detach().to(torch.float64)
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"state[{key!r}] holds NaN or infinite values")
+            arrays[key] = x
+        count, sum_logp = arrays["count"], arrays["sum_logp"]
+        if bool((count < 0).any()) or bool((sum_logp > 0).any()) or bool(((count == 0) & (sum_logp != 0)).any()):
+            raise ValueError("state: counts must be >= 0 and logp sums <= 0, zero where the count is")
         self.decay = float(state["decay"])
-        self.count = state["count"].to(self.count.device, torch.float64).clone()
-        self.sum_logp = state["sum_logp"].to(self.count.device, torch.float64).clone()
-        self.n_updates = int(state["n_updates"])
+        self.count = count.to(self.count.device).contiguous().clone()
+        self.sum_logp = sum_logp.to(self.count.device).contiguous().clone()
+        self.n_updates = n_updates
 
     def __repr__(self) -> str:
         return (f"RunningRankStats(vocab_size={self.vocab_size}, decay={self.decay}, "
                 f"n_updates={self.n_updates})")
+
+
+def _check_decay(decay, name: str) -> None:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1], got {decay!r}")
 
 
 def rank_ratio(count: torch.Tensor, sum_logp: torch.Tensor):
@@ -120,11 +149,15 @@ def _check_options(lam, reduction, num_items_in_batch, min_weight, running, n_co
         if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must hold one number, got shape "
                              f"{tuple(num_items_in_batch.shape)}")
+        if isinstance(num_items_in_batch, torch.Tensor) and (
+                num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex()):
+            raise TypeError(f"num_items_in_batch must hold a number, got dtype {num_items_in_batch.dtype}")
         if isinstance(num_items_in_batch, int) and num_items_in_batch < 1:
             raise ValueError(f"num_items_in_batch must be >= 1, got {num_items_in_batch}")
-    if min_weight is not None and (isinstance(min_weight, bool) or not isinstance(min_weight, (int, float))
-                                   or min_weight != min_weight):
+    if min_weight is not None and (isinstance(min_weight, bool) or not isinstance(min_weight, (int, float))):
         raise TypeError(f"min_weight must be a float or None, got {min_weight!r}")
+    if min_weight is not None and not math.isfinite(min_weight):
+        raise ValueError(f"min_weight must be finite (or None), got {min_weight}")
     if running is not None:
         if not isinstance(running, RunningRankStats):
             raise TypeError(f"running must be a RunningRankStats or None, got {type(running).__name__}")
@@ -262,6 +295,8 @@ def compensated_cross_entropy(
     num_items = num_items_in_batch
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.to(device=logits.device, dtype=torch.float64).reshape(())
+        if validate and not bool(num_items >= 1):  # a sync, as every validation on a GPU
+            raise ValueError(f"num_items_in_batch must be >= 1, got {num_items.item()}")
     opt = LossOptions(float(lam), reduction, min_weight, rows)
     return _CompensatedCrossEntropy.apply(logits, targets, opt, num_items, running)
 

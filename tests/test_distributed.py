@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,21 @@ def error_cases(rank):
         "all_reduce_vocab_differs": lambda: rankops.RankAccumulator(V + rank).all_reduce(),
         "accumulator_vocab_size_too_large": lambda: rankops.RankAccumulator(1000).update_vocab_parallel(
             mine, targets, vocab_start=halves[rank][0], vocab_size=1001),
+        # Wrong on one process only: it must not raise before the collective the other entered.
+        "accumulator_vocab_size_one_sided": lambda: rankops.RankAccumulator(1000).update_vocab_parallel(
+            mine, targets, vocab_start=halves[rank][0], vocab_size=1001 if rank == 0 else None),
+        "vocab_start_2_pow_63": vp(mine, vocab_start=2 ** 63 if rank == 1 else 0),
+        "check_finite_differs": vp(mine, check_finite=rank == 0),
+        "meta_logits_one_sided": vp(mine.to("meta") if rank == 0 else mine),
+        "metric_vocab_differs": lambda: metric_compute(V + rank),
     }
+
+
+def metric_compute(vocab_size):
+    from rankops.integrations.torchmetrics import CrossEntropyDecomposition
+    metric = CrossEntropyDecomposition(vocab_size)
+    metric.update(*batch(31, 8, vocab_size))
+    return metric.compute()
 
 
 def worker(rank, init_file, out_dir):
@@ -195,12 +210,15 @@ def worker(rank, init_file, out_dir):
         acc_vp.update_vocab_parallel(shard(logits, bounds[rank]), targets, vocab_start=bounds[rank][0], **kwargs)
     got["accumulator_vp"] = acc_vp.state_dict()
 
+    got["error_seconds"] = {}
     for name, call in error_cases(rank).items():
+        start = time.monotonic()
         try:
             call()
             got["errors"][name] = None
         except Exception as exc:  # noqa: BLE001 - recorded and judged by the test
             got["errors"][name] = (type(exc).__name__, str(exc))
+        got["error_seconds"][name] = time.monotonic() - start
     got["still_in_step"] = rankops.RankAccumulator(3).all_reduce().n_tokens  # no process left behind
     torch.save(got, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -304,11 +322,16 @@ ERRORS = {  # case -> (exception type, a phrase every process's message must hol
     "float_targets": ("TypeError", "targets must be an integer tensor"),
     "all_reduce_vocab_differs": ("ValueError", "vocab_size differs between processes"),
     "accumulator_vocab_size_too_large": ("ValueError", "exceeds the accumulator's vocab_size"),
+    "check_finite_differs": ("ValueError", "check_finite differs between processes"),
+    "metric_vocab_differs": ("ValueError", "vocab_size differs between processes"),
 }
 # Cases where one process's own argument is wrong: it names it, the other says who failed.
 ONE_SIDED = {
     "negative_vocab_start": (1, "vocab_start must be >= 0"),
     "mixed_devices": (0, "logits and targets must be on the same device"),
+    "accumulator_vocab_size_one_sided": (0, "exceeds the accumulator's vocab_size"),
+    "vocab_start_2_pow_63": (1, "vocab_start must be >= 0 (and below 2^62)"),
+    "meta_logits_one_sided": (0, "logits must be a dense (strided) tensor on a CPU or CUDA device"),
 }
 
 
@@ -325,6 +348,7 @@ def test_bad_input_raises_on_every_process(spawned, name):
         else:
             assert raised == ("ValueError", f"process(es) [{ONE_SIDED[name][0]}] of the group rejected their "
                               "arguments to token_stats_vocab_parallel (see their error); nothing was computed")
+        assert got["error_seconds"][name] < 10, f"process {rank} waited {got['error_seconds'][name]:.0f} s"
     assert [got["still_in_step"] for got in spawned] == [0, 0]
 
 

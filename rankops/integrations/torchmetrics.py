@@ -107,7 +107,7 @@ class CrossEntropyDecomposition(Metric):
             self._update_count += 1
             self._computed = None
             if self.dist_sync_on_step and self.distributed_available_fn():
-                batch = state_ops.all_reduce_state(*batch, self.process_group)
+                batch = state_ops.all_reduce_state(*batch, self.process_group)[:3]
             self._forward_cache = _result_dict(batch, self.ties)
         return self._forward_cache
 
@@ -148,7 +148,7 @@ class CrossEntropyDecomposition(Metric):
             raise ValueError("incoming_state has no tie counts (update_stats() without ties)")
         other = (incoming_state["stats"], torch.as_tensor(incoming_state["n_tied"], dtype=torch.int64),
                  torch.as_tensor(incoming_state.get("n_skipped", 0), dtype=torch.int64))
-        state_ops.check_state_tensors(*other, self.vocab_size, where="incoming_state")
+        state_ops.check_state(*other, self.vocab_size, where="incoming_state")
         state_ops.merge_state(*self._state(), *other)
         self._computed = None
 
@@ -160,7 +160,7 @@ class CrossEntropyDecomposition(Metric):
             super()._sync_dist(dist_sync_fn, process_group=process_group)
             state_ops.normalize_carry(self.stats)
             return
-        self.stats, self.n_tied, self.n_skipped = state_ops.all_reduce_state(
+        self.stats, self.n_tied, self.n_skipped, _ = state_ops.all_reduce_state(
             *self._state(), process_group or self.process_group)
 
     def set_dtype(self, dst_type) -> "CrossEntropyDecomposition":

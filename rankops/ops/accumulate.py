@@ -127,17 +127,26 @@ def decompose_state(stats: torch.Tensor, n_skipped: torch.Tensor, ties: str = "s
     return decompose_counts(stats[COUNT], fixed_to_float(stats[SUM_HI], stats[SUM_LO]), ties=ties)
 
 
-def all_reduce_state(stats, n_tied, n_skipped, group):
+def all_reduce_state(stats, n_tied, n_skipped, group, ties_known: bool = True):
     """The state summed over a torch.distributed group with one int64 all-reduce of the packed
-    state (never an all-gather); returns new tensors on stats' device. Every lo word is in
-    [0, 2^32) before the sum, so the int64 sum cannot overflow below 2^31 processes."""
+    state (never an all-gather); returns new (stats, n_tied, n_skipped) on stats' device and
+    whether ties are known on every process. A small MAX all-reduce first checks that every
+    process has the same vocabulary, so a mismatch raises on every process instead of breaking
+    the collective. Every lo word is in [0, 2^32) before the sum, so the int64 sum cannot
+    overflow below 2^31 processes."""
     from rankops.distributed import all_reduce_tensor
+    vocab_size = stats.shape[1]
+    meta = torch.tensor([vocab_size, -vocab_size, -int(ties_known)], dtype=torch.int64)
+    v_max, neg_v_min, neg_ties_known = all_reduce_tensor(meta, "max", group, stats.device).tolist()
+    if v_max != -neg_v_min:
+        raise ValueError(f"vocab_size differs between processes (from {-neg_v_min} to {v_max}): "
+                         "every process must accumulate the same vocabulary")
     flat = torch.cat([stats.reshape(-1), n_tied.reshape(1), n_skipped.reshape(1)])
     total = all_reduce_tensor(flat, "sum", group, stats.device)
     n = stats.numel()
     out = total[:n].view_as(stats).clone()
     normalize_carry(out)
-    return out, total[n].clone(), total[n + 1].clone()
+    return out, total[n].clone(), total[n + 1].clone(), neg_ties_known == -1
 
 
 def check_state_tensors(stats, n_tied, n_skipped, vocab_size: int, where: str = "state") -> None:
@@ -147,7 +156,40 @@ def check_state_tensors(stats, n_tied, n_skipped, vocab_size: int, where: str = 
         raise ValueError(f"{where}['stats'] must be an int64 tensor of shape ({N_ROWS}, {vocab_size})")
     for name, x in (("n_tied", n_tied), ("n_skipped", n_skipped)):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.numel() != 1:
-            raise ValueError(f"{where}[{name!r}] must be a one-element int64 tensor")
+            raise ValueError(f"{where}[{name!r}] must be an int64 tensor holding one number")
+
+
+def check_state(stats, n_tied, n_skipped, vocab_size: int, *, ties_known: bool = True,
+                where: str = "state") -> None:
+    """Raises unless the state is one that some sequence of updates could have produced:
+    the layout's dtype and shape; counts >= 0; lo words in [0, 2^32); every bin's logp sum
+    <= 0 (each logp is), zero where the bin is empty and no lower than count * -2^23; the
+    pessimistic rows hold the same tokens as the strict ones (when ties are known, else at
+    most as many); 0 <= n_tied <= n_tokens; n_skipped >= 0."""
+    check_state_tensors(stats, n_tied, n_skipped, vocab_size, where)
+    s = stats.detach().to("cpu")
+    for count_row, hi_row, lo_row, label in ((COUNT, SUM_HI, SUM_LO, "strict"),
+                                             (COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS, "pessimistic")):
+        count, hi, lo = s[count_row], s[hi_row], s[lo_row]
+        if bool((count < 0).any()):
+            raise ValueError(f"{where}: a {label} count is negative")
+        if bool(((lo < 0) | (lo > LOW_MASK)).any()):
+            raise ValueError(f"{where}: a {label} low word lies outside [0, 2^32)")
+        total = hi.to(torch.float64) * 2.0 ** 32 + lo.to(torch.float64)  # units of 2^-40
+        if bool((total > 0).any()):
+            raise ValueError(f"{where}: a {label} logp sum is positive (every logp is <= 0)")
+        if bool(((count == 0) & (total != 0)).any()):
+            raise ValueError(f"{where}: a {label} bin holds a logp sum but no token")
+        if bool((total < -count.to(torch.float64) * (LOGP_LIMIT * LOGP_SCALE)).any()):
+            raise ValueError(f"{where}: a {label} logp sum is below count * -2^23")
+    n_strict, n_pess = int(s[COUNT].sum()), int(s[COUNT_PESS].sum())
+    if (n_pess != n_strict) if ties_known else (n_pess > n_strict):
+        raise ValueError(f"{where}: the pessimistic counts total {n_pess} tokens, the strict ones "
+                         f"{n_strict}")
+    if not 0 <= int(n_tied) <= n_strict:
+        raise ValueError(f"{where}: n_tied = {int(n_tied)} is outside [0, n_tokens = {n_strict}]")
+    if int(n_skipped) < 0:
+        raise ValueError(f"{where}: n_skipped = {int(n_skipped)} is negative")
 
 
 def bad_logp_error(row: int, shape) -> ValueError:

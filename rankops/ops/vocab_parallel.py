@@ -32,7 +32,8 @@ _NONE = float("-inf")
 
 def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int,
                                vocab_size: Optional[int] = None, group=None, ignore_index: int = -100,
-                               check_finite: bool = True, backend: str = "auto") -> TokenStats:
+                               check_finite: bool = True, backend: str = "auto",
+                               _local_error: Optional[Exception] = None) -> TokenStats:
     """rankops.token_stats on logits whose vocabulary is split over the group's processes.
 
     Each process passes its own columns [vocab_start, vocab_start + V_local) of every row (as
@@ -50,6 +51,8 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
             never count (default: all columns).
         group: the process group holding the shards (default: the world).
         ignore_index, check_finite, backend: as in rankops.token_stats.
+        _local_error: for callers with checks of their own (RankAccumulator): an error this
+            process found, agreed with the others like the argument checks here.
 
     Example (2 processes, vocabulary 50304 split in halves):
         >>> s = rankops.token_stats_vocab_parallel(logits[..., 25152 * rank:25152 * (rank + 1)],
@@ -57,28 +60,32 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
     """
     dist = distributed.dist()
     me, world = dist.get_rank(group), dist.get_world_size(group)
-    local_error = None
+    local_error = _local_error
     try:
         check_flags(check_finite, True)
         check_inputs(local_logits, targets, ignore_index, None)
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
             raise TypeError(f"vocab_start must be an int, got {vocab_start!r}")
-        if vocab_start < 0:
-            raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+        if not 0 <= vocab_start < 2 ** 62:
+            raise ValueError(f"vocab_start must be >= 0 (and below 2^62), got {vocab_start}")
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
             raise TypeError(f"vocab_size must be an int or None, got {vocab_size!r}")
+        if vocab_size is not None and not 1 <= vocab_size < 2 ** 62:
+            raise ValueError(f"vocab_size must be >= 1 (and below 2^62), got {vocab_size}")
         backend = resolve_backend(backend, local_logits)
     except (TypeError, ValueError) as exc:
-        local_error = exc
-    device = local_logits.device if isinstance(local_logits, torch.Tensor) else torch.device("cpu")
+        local_error = local_error or exc
+    # A process whose arguments failed takes part in the agreement on the CPU (its tensors may
+    # be anywhere, the meta device included); nccl needs the same device everywhere.
+    device = local_logits.device if local_error is None else torch.device("cpu")
 
-    # 1. Every process's shard and arguments, one row each (SUM of a [world, 7] table of zeros
+    # 1. Every process's shard and arguments, one row each (SUM of a [world, 8] table of zeros
     # and own rows: O(world) values). Everyone then checks the same table and agrees.
-    table = torch.zeros(world, 7, dtype=torch.int64)
+    table = torch.zeros(world, 8, dtype=torch.int64)
     if local_error is None:
         table[me] = torch.tensor([1, vocab_start, local_logits.shape[-1], targets.numel(),
                                   -1 if vocab_size is None else vocab_size,
-                                  _DTYPE_CODES[local_logits.dtype], ignore_index])
+                                  _DTYPE_CODES[local_logits.dtype], ignore_index, int(check_finite)])
     table = distributed.all_reduce_tensor(table, "sum", group, device).tolist()
     if local_error is not None:
         raise local_error
@@ -221,7 +228,7 @@ def _row_chunks(logits: torch.Tensor, rows_per_chunk: int):
 def _check_shards(table) -> int:
     """The shards [start, start + V_local) must tile [0, total) in some order; returns total."""
     for name, col in (("targets (number of tokens)", 3), ("vocab_size", 4),
-                      ("the logits' dtype", 5), ("ignore_index", 6)):
+                      ("the logits' dtype", 5), ("ignore_index", 6), ("check_finite", 7)):
         values = sorted({row[col] for row in table})
         if len(values) > 1:
             raise ValueError(f"{name} differs between processes ({values}); every process must "
