@@ -520,3 +520,23 @@ def test_trainer_compute_loss_func_with_gradient_accumulation(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     with_lam = trained_grads(CompensatedCausalLMLoss(0.3), 1)
     assert any(not torch.allclose(a, b) for a, b in zip(one, with_lam))
+
+
+def test_shifted_view_is_never_copied(backend):
+    """Forward + backward on a [B, T-1, V] slice of [B, T, V] logits (the usual shifted view)
+    allocates one tensor of the logits' size: the gradient. A reshape of the slice (which
+    copies it) used to double the backward's peak memory. The torch reference may copy."""
+    if backend == "torch":
+        pytest.skip("the reference backend materialises temporaries by design")
+    from torch.profiler import ProfilerActivity, profile
+    B, T, V = 2, 9, 3000
+    big = torch.randn(B, T, V)
+    logits = big[:, :-1].detach().requires_grad_()  # a strided leaf: its grad is [B, T-1, V]
+    targets = torch.randint(0, V, (B, T - 1))
+    n_bytes = logits.numel() * logits.element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = rankops.compensated_cross_entropy(logits, targets, 0.3, backend=backend)
+        loss.backward()
+    big_allocs = [e.name for e in prof.events() if e.self_cpu_memory_usage >= n_bytes]
+    assert len(big_allocs) == 1, big_allocs
+    assert logits.grad.shape == logits.shape

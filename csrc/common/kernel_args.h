@@ -6,6 +6,7 @@
 // the last dimension by col_stride.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "host_device.h"
 
@@ -71,5 +72,19 @@ struct KernelArgs {
   void* workspace = nullptr;            // CUDA: scratch of workspace_bytes, allocated by the caller
   int64_t workspace_bytes = 0;
 };
+
+// Building the struct from the binding's arguments, with every check that keeps a kernel in
+// bounds (csrc/common/kernel_args.cpp, host only). Pointers arrive as integers; a bad argument
+// throws std::invalid_argument (ValueError in Python), a failed CUDA launch std::runtime_error.
+Logits make_logits(uintptr_t data, int dtype, const std::vector<int64_t>& shape,
+                   const std::vector<int64_t>& strides, int64_t n_cols);
+KernelArgs make_args(const Logits& z, uintptr_t targets, int64_t ignore_index, int n_threads = 1);
+void set_outputs(KernelArgs& a, uintptr_t rank, uintptr_t ties, uintptr_t logp, uintptr_t target_logit);
+void set_stats(KernelArgs& a, uintptr_t stats, int64_t hist_len);  // the state [6, hist_len]
+void set_grad(KernelArgs& a, uintptr_t lse, uintptr_t scale, uintptr_t grad);
+// CUDA token_stats: the non-finite flags, a workspace of at least workspace_needed bytes, the stream.
+void set_cuda(KernelArgs& a, uintptr_t nonfinite, uintptr_t workspace, int64_t workspace_bytes,
+              int64_t workspace_needed, uintptr_t stream);
+void check_cuda(const char* err);  // throws on a non-empty launch error
 
 }  // namespace rankops

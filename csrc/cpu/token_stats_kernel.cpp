@@ -29,16 +29,23 @@ constexpr int64_t kChunk = 2048;           // values per chunk: the rebase granu
 constexpr int64_t kSliceCols = 16384;      // a row is computed as slices of this many columns
 constexpr int64_t kMinParallelWork = 1 << 15;  // below this many logits, threads cost more than they save
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 // Statistics of one slice of a row. sum_exp is relative to ref: the slice's logsumexp is
 // ref + log(sum_exp). Slices merge associatively (log-add-exp for the sums, integer addition
 // for the counts).
+// The flags only matter at the end of a row that holds a non-finite value (nonfinite): max is
+// the largest non-NaN value; posinf says a +inf was seen; nan says a NaN was seen (certain only
+// for chunks without a +inf, where a NaN sum can have no other cause).
 struct Partial {
   float ref = kNegInf;
   double sum_exp = 0.0;
   int64_t n_greater = 0;
   int64_t n_equal = 0;   // includes the target itself
+  float max = kNegInf;
   bool nonfinite = false;
+  bool posinf = false;
+  bool nan = false;
 };
 
 inline void merge_into(Partial& a, const Partial& b) {
@@ -50,7 +57,10 @@ inline void merge_into(Partial& a, const Partial& b) {
   a.ref = m;
   a.n_greater += b.n_greater;
   a.n_equal += b.n_equal;
+  a.max = a.max > b.max ? a.max : b.max;
   a.nonfinite = a.nonfinite || b.nonfinite;
+  a.posinf = a.posinf || b.posinf;
+  a.nan = a.nan || b.nan;
 }
 
 // While exp(x - ref) <= e^64 a chunk's float sum cannot overflow (2048 * e^64 ~ 1e31), so the
@@ -145,13 +155,20 @@ Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end
     acc.n_greater += c.n_greater;
     acc.n_equal += c.n_equal;
     acc.nonfinite = acc.nonfinite || c.max == -kNegInf || c.min == kNegInf || c.max < c.min;
+    acc.max = c.max > acc.max ? c.max : acc.max;
+    acc.posinf = acc.posinf || c.max == kPosInf;
+    acc.nan = acc.nan || c.max < c.min;  // a chunk of NaN only
     if (c.max > acc.ref + kRebaseMargin) {
       // Rare: move the reference up to this chunk's max and redo its sum (the chunk is in L1).
       acc.sum_exp *= std::exp(static_cast<double>(acc.ref) - c.max);
       acc.ref = c.max;
       c.sum_exp = chunk_sum_exp<T, IsBF16, kContiguous>(src, col_stride, n, acc.ref);
     }
-    acc.nonfinite = acc.nonfinite || c.sum_exp != c.sum_exp;
+    // Without a +inf in the chunk, exp of a finite or -inf value relative to a finite or +inf
+    // reference is finite: only a NaN makes the sum NaN.
+    const bool nan_sum = c.sum_exp != c.sum_exp;
+    acc.nonfinite = acc.nonfinite || nan_sum;
+    acc.nan = acc.nan || (nan_sum && c.max != kPosInf);
     acc.sum_exp += c.sum_exp;
   }
   return acc;
@@ -163,15 +180,52 @@ Partial slice_stats(const T* row, int64_t col_stride, int64_t begin, int64_t end
                          : slice_stats<T, IsBF16, false>(row, col_stride, begin, end, target);
 }
 
-inline void write_row(const KernelArgs& a, int64_t row, float target, const Partial& p) {
-  a.rank[row] = p.n_greater;
+// The rare ends of a row, outside the streaming loop: whether a row holds a NaN (asked only
+// when it holds a +inf too), and its sum of exp(z - ref) again (asked only when every value lies
+// so far below the reference that exp_bounded's clamp would have counted them wrong).
+template <typename T, typename IsBF16>
+bool row_has_nan(const T* row, int64_t col_stride, int64_t n_cols) {
+  for (int64_t c = 0; c < n_cols; ++c) {
+    const float v = load_value(row + c * col_stride, IsBF16{});
+    if (v != v) return true;
+  }
+  return false;
+}
+template <typename T, typename IsBF16>
+double row_sum_exp(const T* row, int64_t col_stride, int64_t n_cols, float ref) {
+  double sum = 0.0;
+  for (int64_t c = 0; c < n_cols; ++c)
+    sum += exp_bounded(load_value(row + c * col_stride, IsBF16{}) - ref);
+  return sum;
+}
+
+// logsumexp of the row's first n_cols values. docs/DESIGN.md: NaN if any is NaN, else +inf if
+// any is +inf, else -inf if all are -inf; the streaming sums cannot tell these apart, so the
+// flags do, for rows that hold a non-finite value (finite rows pay one test per row).
+template <typename T, typename IsBF16>
+double row_lse(const Logits& z, const T* row, const Partial& p) {
+  if (p.nonfinite) {
+    if (p.nan || (p.posinf && row_has_nan<T, IsBF16>(row, z.col_stride, z.n_cols)))
+      return std::numeric_limits<double>::quiet_NaN();
+    if (p.posinf) return std::numeric_limits<double>::infinity();
+    if (p.max == kNegInf) return -std::numeric_limits<double>::infinity();
+  }
+  // An external target logit far above the whole row: the reference never came down to the
+  // row's values, so sum them again relative to their own maximum.
+  if (p.max < p.ref - kRebaseMargin)
+    return static_cast<double>(p.max) + std::log(row_sum_exp<T, IsBF16>(row, z.col_stride, z.n_cols, p.max));
+  return static_cast<double>(p.ref) + std::log(p.sum_exp);
+}
+
+template <typename T, typename IsBF16>
+inline void write_row(const KernelArgs& a, int64_t r, const T* row, float target, const Partial& p) {
+  a.rank[r] = p.n_greater;
   // The target never ties with itself; an external target logit may live on another shard, so
   // there every equal value counts (the caller subtracts the target where it holds it).
   const bool own_target = a.target_logit == nullptr && target == target;
-  a.ties[row] = p.n_equal - (own_target ? 1 : 0);
-  // logp = z_t - (ref + log sum exp(z - ref)), finished in double.
-  const double lse = static_cast<double>(p.ref) + std::log(p.sum_exp);
-  a.logp[row] = static_cast<float>(static_cast<double>(target) - lse);
+  a.ties[r] = p.n_equal - (own_target ? 1 : 0);
+  // logp = z_t - logsumexp, in double with IEEE semantics: inf - inf and -inf - -inf are NaN.
+  a.logp[r] = static_cast<float>(static_cast<double>(target) - row_lse<T, IsBF16>(a.logits, row, p));
 }
 
 // A row is always computed as the same fixed slices of kSliceCols columns, merged left to
@@ -236,7 +290,7 @@ Status run(const KernelArgs& a) {
     const float target = target_value<T, IsBF16>(a, row, r);
     const Partial p = row_stats<T, IsBF16>(z, row, target, by_slice ? &parts[r * n_slices] : nullptr,
                                            n_slices);
-    write_row(a, r, target, p);
+    write_row<T, IsBF16>(a, r, row, target, p);
     if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
   }
   if (first_nonfinite != std::numeric_limits<int64_t>::max()) status.nonfinite_row = first_nonfinite;

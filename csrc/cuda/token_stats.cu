@@ -66,15 +66,32 @@ __device__ inline float target_value(const KernelArgs& a, const T* row, int64_t 
   return a.target_logit != nullptr ? a.target_logit[r] : to_float(row[t * a.logits.col_stride]);
 }
 
-// A thread's running statistics.
+// Bits of Partials::bad: what a slice holds. The end of a row needs them to follow
+// docs/DESIGN.md: logsumexp = NaN if any value is NaN, else +inf if any is +inf, else -inf if
+// all are -inf (the last one falls out of the sums: ref + log(0)).
+constexpr int32_t kSawNan = 1, kSawPosInf = 2, kSawNegInf = 4;
+
+// The first reference of a thread's sum: the target logit when it lies in the row and is
+// finite (then every term is relative to a value of the row, and -inf adds exp(-inf) = 0,
+// never inf - inf); otherwise the lowest finite float, which the first value above it
+// replaces, so the reference is the running max and a shard far below an external target
+// logit does not underflow to a zero sum.
+__device__ inline float first_ref(const KernelArgs& a, float target) {
+  return a.target_logit == nullptr && fabsf(target) <= 3.402823466e38f ? target : -3.402823466e38f;
+}
+
+// A thread's running statistics. hi and lo (the largest and smallest non-NaN values) replace a
+// per-element non-finite test; with the first reference finite, the sum turns NaN only for a
+// NaN or a second +inf (inf - inf), so the slice's end can tell NaN from +inf (kernel 1).
 struct Acc {
-  float ref, sum;
-  int32_t gt, eq, bad;
+  float ref, sum, hi, lo;
+  int32_t gt, eq;
 
   __device__ inline void add(float x, float target) {
     gt += x > target;
     eq += x == target;
-    bad |= !(fabsf(x) <= 3.402823466e38f);  // NaN or +-inf
+    hi = fmaxf(hi, x);  // fmaxf/fminf skip NaN
+    lo = fminf(lo, x);
     if (x > ref) {  // rescale instead of a second exp; NaN never enters here
       sum = sum * exp2f((ref - x) * kLog2e) + 1.0f;
       ref = x;
@@ -88,9 +105,10 @@ struct Acc {
     const float shift = m == -INFINITY ? 0.0f : m;  // all -inf so far: no inf - inf
     sum = sum * exp2f((ref - shift) * kLog2e) + o.sum * exp2f((o.ref - shift) * kLog2e);
     ref = m;
+    hi = fmaxf(hi, o.hi);
+    lo = fminf(lo, o.lo);
     gt += o.gt;
     eq += o.eq;
-    bad |= o.bad;
   }
 };
 
@@ -100,7 +118,8 @@ __device__ inline Acc shfl_down(const Acc& a, int offset) {
   o.sum = __shfl_down_sync(0xffffffffu, a.sum, offset);
   o.gt = __shfl_down_sync(0xffffffffu, a.gt, offset);
   o.eq = __shfl_down_sync(0xffffffffu, a.eq, offset);
-  o.bad = __shfl_down_sync(0xffffffffu, a.bad, offset);
+  o.hi = __shfl_down_sync(0xffffffffu, a.hi, offset);
+  o.lo = __shfl_down_sync(0xffffffffu, a.lo, offset);
   return o;
 }
 
@@ -118,7 +137,7 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
   const int64_t begin = slice * slice_cols;
   const int64_t end = keep ? min(begin + slice_cols, z.n_cols) : begin;  // ignored: read nothing
 
-  Acc acc{target, 0.0f, 0, 0, 0};
+  Acc acc{first_ref(a, target), 0.0f, -INFINITY, INFINITY, 0, 0};
   if (z.col_stride == 1) {
     // 16-byte loads over the aligned body; scalar head and tail.
     const VecSpan v = vec_span<T>(reinterpret_cast<uintptr_t>(row_ptr + begin), begin, end);
@@ -141,17 +160,36 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
   // Fixed-order reduction: within each warp, then across warps in warp order.
   for (int offset = 16; offset > 0; offset >>= 1) acc.merge(shfl_down(acc, offset));
   __shared__ Acc warp_acc[kWarps];
+  __shared__ int32_t ambiguous;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_acc[warp] = acc;
   __syncthreads();
+  Acc total = warp_acc[0];
+  int32_t saw = 0;
   if (threadIdx.x == 0) {
-    Acc total = warp_acc[0];
     for (int w = 1; w < kWarps; ++w) total.merge(warp_acc[w]);
+    const bool pos_inf = total.hi == INFINITY, nan_sum = total.sum != total.sum;
+    saw = (pos_inf ? kSawPosInf : 0) | (total.lo == -INFINITY ? kSawNegInf : 0) |
+          (nan_sum && !pos_inf ? kSawNan : 0);
+    // A NaN sum beside a +inf may come from inf - inf alone: only a look at the values tells.
+    ambiguous = pos_inf && nan_sum;
+  }
+  __syncthreads();
+  if (ambiguous) {  // rare: a slice with a +inf and a NaN sum; the block looks for a NaN
+    int32_t nan_here = 0;
+    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
+      const float x = to_float(row_ptr[c * z.col_stride]);
+      nan_here |= x != x;
+    }
+    nan_here = __syncthreads_or(nan_here);
+    if (nan_here) saw |= kSawNan;
+  }
+  if (threadIdx.x == 0) {
     parts.ref[task] = total.ref;
     parts.sum[task] = total.sum;
     parts.gt[task] = total.gt;
     parts.eq[task] = total.eq;
-    parts.bad[task] = total.bad;
+    parts.bad[task] = saw;
   }
 }
 
@@ -169,23 +207,29 @@ __global__ void finish_kernel(const KernelArgs a, int64_t n_slices, Partials par
   }
   const T* row_ptr = static_cast<const T*>(a.logits.data) + a.logits.row_offset(row);
   const float target = target_value(a, row_ptr, row, t);
-  Acc acc{-INFINITY, 0.0f, 0, 0, 0};
+  Acc acc{-INFINITY, 0.0f, -INFINITY, INFINITY, 0, 0};
   int64_t gt = 0, eq = 0;
+  int32_t saw = 0;
   for (int64_t s = 0; s < n_slices; ++s) {  // slice order: never depends on scheduling
     const int64_t i = row * n_slices + s;
-    acc.merge(Acc{parts.ref[i], parts.sum[i], 0, 0, parts.bad[i]});
+    acc.merge(Acc{parts.ref[i], parts.sum[i], -INFINITY, INFINITY, 0, 0});
     gt += parts.gt[i];
     eq += parts.eq[i];
+    saw |= parts.bad[i];
   }
   // The target never ties with itself; an external target may live on another shard, so there
   // every equal value counts (the caller subtracts the target where it holds it).
   const bool own_target = a.target_logit == nullptr && target == target;
   const int64_t ties = eq - (own_target ? 1 : 0);
-  const float logp = target - (acc.ref + logf(acc.sum));
+  // IEEE from here: a finite target minus +inf is -inf; -inf - -inf and inf - inf are NaN.
+  float lse = acc.ref + logf(acc.sum);  // all -inf: sum 0, so -inf
+  if (saw & kSawPosInf) lse = INFINITY;
+  if (saw & kSawNan) lse = NAN;
+  const float logp = target - lse;
   a.rank[row] = gt;
   a.ties[row] = ties;
   a.logp[row] = logp;
-  a.nonfinite[row] = acc.bad;
+  a.nonfinite[row] = saw != 0;
   // Only logp gates the add (a -inf logit elsewhere in the row is fine); the caller decides from
   // the flags whether non-finite logits fail the call. Integer atomics: the sums are exact and
   // independent of the order of the adds; lo's carry is moved by the caller afterwards.

@@ -66,13 +66,7 @@ def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, grad_ptr, lead_siz
     _store_rounded(grad_ptr + row * row_len + cols, g, in_row, OUT)
 
 
-def launch(logits, targets, lse, scale, ignore_index, n_cols, grad):  # TEMPORARY adapter
-    flat = logits.reshape(-1, logits.shape[-1])
-    _launch(flat, targets.reshape(-1), lse.reshape(-1), scale.reshape(-1), ignore_index, n_cols,
-            grad.view(flat.shape))
-
-
-def _launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+def launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
            ignore_index: int, n_cols: int, grad: torch.Tensor):
     """logits [..., V] (any strides); targets int64, lse and scale float32, contiguous of the
     leading shape; writes grad (contiguous, the logits' shape and dtype) in place."""
@@ -90,6 +84,8 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scal
     block = max(16, min(MAX_BLOCK, triton.next_power_of_2(row_len)))
     if triton.cdiv(row_len, block) > 65535:  # the grid's second axis
         raise ValueError(f"rows of {row_len} columns are too long for the Triton softmax_grad")
+    # The logits' own leading sizes and strides: a [B, T-1, V] slice is read in place (a reshape
+    # here would copy it, doubling the backward's peak memory).
     lead_sizes, lead_strides = tuple(logits.shape[:-1]), tuple(logits.stride()[:-1])
     _grad_kernel[(n_rows, triton.cdiv(row_len, block))](
         logits, targets, lse, scale, grad_out, lead_sizes, lead_strides, logits.stride(-1), n_cols,

@@ -34,6 +34,18 @@ def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
         return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
 
 
+# What a slice saw, as bits (or-reduced): the end of a row needs them to follow docs/DESIGN.md,
+# logsumexp = NaN if any value is NaN, else +inf if any is +inf, else -inf if all are -inf.
+SAW_NAN: tl.constexpr = 1
+SAW_POS_INF: tl.constexpr = 2
+SAW_NEG_INF: tl.constexpr = 4
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
 @triton.jit
 def _row_offset(row, lead_sizes, lead_strides, N_LEAD: tl.constexpr):
     """Element offset of flat (row-major) row `row` in logits with N_LEAD strided leading
@@ -90,8 +102,10 @@ def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_st
         x = _load_f32(row_ptr + c * stride_col, inside, BF16_BITS)
         gt += tl.sum((inside & (x > z_t)).to(tl.int64), axis=0)
         eq += tl.sum((inside & (x == z_t)).to(tl.int64), axis=0)
-        nonfinite = inside & ((x != x) | (x == float("inf")) | (x == float("-inf")))
-        bad = bad | tl.max(nonfinite.to(tl.int32), axis=0)
+        saw = tl.where(inside & (x != x), SAW_NAN, 0) | \
+            tl.where(inside & (x == float("inf")), SAW_POS_INF, 0) | \
+            tl.where(inside & (x == float("-inf")), SAW_NEG_INF, 0)
+        bad = bad | tl.reduce(saw, 0, _or)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # An all -inf prefix leaves m_new = -inf; shift by 0 then so no inf - inf appears.
         # Subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX.
@@ -140,11 +154,16 @@ def _finish_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_s
         ties = eq  # the target may live on another shard: every equal value counts
     else:
         ties = eq - (z_t == z_t).to(tl.int64)  # the target is not its own tie
-    logp = z_t - (m + tl.log(tl.where(keep, s, 1.0)))  # ignored rows summed nothing
+    # The online max and sum say nothing reliable once a NaN or +inf entered them (NaN - x, and
+    # inf - inf); the bits do. All -inf: m = -inf, s = 0, so m + log(s) is -inf already.
+    lse = m + tl.log(tl.where(keep, s, 1.0))  # ignored rows summed nothing
+    lse = tl.where((bad & SAW_POS_INF) != 0, float("inf"), lse)
+    lse = tl.where((bad & SAW_NAN) != 0, float("nan"), lse)
+    logp = z_t - lse
     tl.store(rank_ptr + row, tl.where(keep, rank, -1))
     tl.store(ties_ptr + row, tl.where(keep, ties, 0))
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
-    tl.store(bad_ptr + row, tl.where(keep, bad, 0))
+    tl.store(bad_ptr + row, tl.where(keep & (bad != 0), 1, 0))
     if ACCUMULATE:
         # Exact fixed point with the caller's scale: q = floor(logp * LOGP_SCALE + 1/2), added
         # as two words, hi = q >> 32 (arithmetic) and lo = q & (2^32 - 1); the caller moves lo's
