@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-import torch
 
-from rankops.accumulate import RankAccumulator
 from rankops.atomic import write_atomic
+from rankops.eval.checkpoint import read_accumulator_decomposition
 from rankops.fit import fit_power_law
 from rankops.scaling import COMPONENTS, final_points, run_of
 
@@ -61,11 +60,10 @@ def _decomposition_of(result):
 @functools.lru_cache(maxsize=None)
 def _saved_decomposition(results_path: str):
     """The decomposition from the accumulator saved beside a results file (read once per
-    plot_all call: two figures use the same steps)."""
-    state = torch.load(Path(results_path).with_name("accumulator.pt"), weights_only=True)
-    acc = RankAccumulator(state["vocab_size"])
-    acc.load_state_dict(state)
-    return acc.decompose()
+    plot_all call: two figures use the same steps). The file may come from anyone: its sizes
+    are checked against the tensors it holds before anything is allocated, then its invariants
+    (a ValueError naming the file otherwise), and the work goes by the ranks observed."""
+    return read_accumulator_decomposition(Path(results_path).with_name("accumulator.pt"))
 
 
 def components_vs_step(series, out_dir):

@@ -37,6 +37,7 @@ class LoadedModel:
     step: Optional[int] = None   # training step of a checkpoint, where known
     n_parameters: Optional[dict] = None  # {"total": ..., "non_embedding": ...}
     family: Optional[str] = None  # the architecture (config.model_type), for grouping scaling fits
+    dtype: Optional[str] = None  # of the weights ("float32", "bfloat16", ...); None: unknown (a bare callable)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -155,13 +156,16 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",
     model = model.to(device).eval()
     return wrap_model(model, tokenizer, name=_display_name(spec, revision), source=source,
                       step=step if step is not None else step_from_name(spec),
-                      n_parameters=count_parameters(model))
+                      n_parameters=count_parameters(model), dtype=dtype)
 
 
 def wrap_model(model: Callable, tokenizer, *, name: str, source: str = "python",
                context_length: Optional[int] = None, step: Optional[int] = None,
-               n_parameters: Optional[dict] = None) -> LoadedModel:
-    """A LoadedModel around any model or callable(input_ids, attention_mask) -> logits."""
+               n_parameters: Optional[dict] = None, dtype: Optional[str] = None) -> LoadedModel:
+    """A LoadedModel around any model or callable(input_ids, attention_mask) -> logits.
+
+    dtype: of the weights, by name; default: a torch module's first floating-point parameter's,
+    None (unknown) for a bare callable."""
     vocab_size = len(tokenizer)
     config = getattr(model, "config", None)
     n_logits = getattr(config, "vocab_size", None)
@@ -173,9 +177,11 @@ def wrap_model(model: Callable, tokenizer, *, name: str, source: str = "python",
                           or getattr(tokenizer, "model_max_length", None))
         if not isinstance(context_length, int) or context_length > 1_000_000:
             raise ModelError(f"cannot tell the context length of {name}; pass context_length")
+    if dtype is None and isinstance(model, torch.nn.Module):
+        dtype = next((str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()), None)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, vocab_size=vocab_size,
                        context_length=context_length, step=step, n_parameters=n_parameters,
-                       family=getattr(config, "model_type", None))
+                       family=getattr(config, "model_type", None), dtype=dtype)
 
 
 def _display_name(spec: str, revision: Optional[str]) -> str:

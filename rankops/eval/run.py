@@ -11,6 +11,23 @@ Every file is written atomically (rankops.atomic). A killed run continues with r
 its last checkpoint and ends with exactly (bit for bit) the result of an uninterrupted run: the
 accumulator's sums are integers, so how the stream was split does not matter.
 
+What a checkpoint guarantees (rankops.eval.checkpoint verifies it before a resume trusts it):
+- Statistics and position from the same instant. Each batch is added to a copy of the
+  statistics, and the copy and the position are committed together, in one assignment, once
+  the batch is complete; a KeyboardInterrupt or an error at any moment (the interrupt handler
+  checkpoints what was committed) leaves the last committed pair, never a batch without its
+  position. A resumed run checks that the statistics hold exactly the tokens of the batches done.
+- An identity: everything that changes the numbers (run_identity): model, corpus, protocol,
+  the token stream, the batching (tokens per batch, process count and rank), the model's dtype,
+  the backend that runs (resolved: never "auto"), the device type with what selects its
+  kernels (the CPU's instruction set for torch and for the cpu backend, the GPU's name), and
+  the versions of rankops, torch and transformers. A resume with any of them different is refused,
+  naming the fields.
+- A digest and the accumulator's invariants, checked on resume: a corrupt, truncated, forged
+  or foreign file is refused with one line naming it (EvalError), never used.
+Temporary files that a killed write left in the run folder are removed when the run starts or
+resumes (rankops.atomic.remove_stale_temporaries).
+
 One loop serves one process or many (distributed=True, as `rankops eval` does under torchrun):
 every process plans the same windows and cuts them into the same batches; batch j goes to
 process j % world_size (all of them to a single process). Each accumulates and checkpoints its
@@ -21,23 +38,26 @@ wherever the model's forward pass is deterministic for a given batch.
 evaluate() is that sequence of steps: plan, shard, resume, score, reduce, write.
 """
 import datetime
+import itertools
 import json
 import platform
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 
 import rankops
+from rankops import _ext
 from rankops.accumulate import RankAccumulator
-from rankops.atomic import save_atomic, write_atomic
+from rankops.atomic import remove_stale_temporaries, save_atomic, write_atomic
+from rankops.eval.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from rankops.eval.corpora import Corpus
-from rankops.eval.models import LoadedModel
+from rankops.eval.models import DTYPES, LoadedModel
 from rankops.eval.windows import Plan, Protocol, Window, collate, plan_windows
 from rankops.eval.world import World
+from rankops.ops.common import resolve_backend
 
 RESULTS_FORMAT = 1
 
@@ -56,7 +76,9 @@ class CheckpointWritten(NamedTuple):
 
 
 def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
+    """name as one ordinary path component: letters, digits and ._- only, no leading or trailing
+    dot or underscore (so never ".", ".." or a hidden name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
 
 
 def batches(windows, start: int, max_batch_tokens: int, max_batch_size: int):
@@ -73,9 +95,34 @@ def batches(windows, start: int, max_batch_tokens: int, max_batch_size: int):
         i = j
 
 
-def run_identity(lm: LoadedModel, corpus: Corpus, protocol: Protocol, plan: Plan) -> dict:
+def compute_identity(lm: LoadedModel, device: torch.device, backend: str) -> dict:
+    """What computes the numbers: the model's dtype, the backend resolved for logits of that
+    dtype on device, the device type and what selects its kernels, and the versions."""
+    import transformers
+    # The logits of a model of unknown dtype (a bare callable) are taken to be float32;
+    # _check_backend refuses a batch whose logits would resolve differently.
+    probe = torch.empty(0, dtype=DTYPES.get(lm.dtype, torch.float64 if lm.dtype == "float64" else torch.float32),
+                        device=device)
+    try:
+        resolved = resolve_backend(backend, probe)
+    except (TypeError, ValueError) as exc:
+        raise EvalError(f"backend {backend!r}: {exc}") from exc
+    compute = {"dtype": lm.dtype, "backend": resolved, "device": device.type}
+    if device.type == "cuda":
+        compute["device_name"] = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        compute["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # torch's own kernels
+    if resolved == "cpu":
+        compute["cpu_isa"] = _ext.cpu_isa()  # the CPU kernels: not bit-identical across instruction sets
+    compute["versions"] = {"rankops": str(rankops.__version__), "torch": str(torch.__version__),
+                           "transformers": str(transformers.__version__)}  # plain str: torch's is a subclass
+    return compute
+
+
+def run_identity(lm: LoadedModel, corpus: Corpus, protocol: Protocol, plan: Plan, compute: dict) -> dict:
+    """Everything that changes a run's numbers but the batching (see the module docstring)."""
     return {"model": lm.source, "corpus": corpus.source, "protocol": protocol.as_dict(),
-            "vocab_size": lm.vocab_size, "stream": plan.fingerprint()}
+            "vocab_size": lm.vocab_size, "stream": plan.fingerprint(), "compute": compute}
 
 
 def checkpoint_name(rank: int, world_size: int) -> str:
@@ -98,24 +145,26 @@ def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *
     """
     device = _device(lm, device)
     world = _world(distributed)
+    compute = compute_identity(lm, device, backend)
     plan, context_length = _plan(lm, corpus, protocol)
     work = world.shard([b for _, b in batches(plan.windows, 0, max_batch_tokens, protocol.batch_size)])
     # The batches depend on max_batch_tokens and the process count: a resumed run must cut them the same way.
-    identity = dict(run_identity(lm, corpus, protocol, plan),
+    identity = dict(run_identity(lm, corpus, protocol, plan, compute),
                     shard={"rank": world.rank, "world_size": world.size, "max_batch_tokens": max_batch_tokens})
-    out_dir = _open_run_dir(output_path, lm, corpus)
-    checkpoints = _Checkpoints(out_dir, world, identity, len(work), checkpoint_every_s, on_checkpoint)
-    state = _State(RankAccumulator(lm.vocab_size, device=device))
+    out_dir = _open_run_dir(output_path, lm, corpus, world)
+    checkpoints = _Checkpoints(out_dir, world, identity, work, checkpoint_every_s, on_checkpoint)
+    run = _Progress(_Snapshot(RankAccumulator(lm.vocab_size, device=device), 0, _NO_TIME))
     if resume:
-        state = checkpoints.resume(state)
-    _score(lm, work, state, checkpoints, device, backend,
-           _progress_bar(progress, world, f"{lm.name} on {corpus.name}", work, state.batches_done))
-    world.sum_accumulator(state.acc)
-    timings = world.reduce_timings(state.timings)  # process-seconds summed, the longest wall time
-    results = build_results(lm, corpus, protocol, plan, context_length, state.acc, timings, backend)
+        run.committed = checkpoints.resume(run.committed)
+    _score(lm, work, run, checkpoints, device, compute["backend"],
+           _progress_bar(progress, world, f"{lm.name} on {corpus.name}", work, run.committed.batches_done))
+    acc = run.committed.acc
+    world.sum_accumulator(acc)
+    timings = world.reduce_timings(dict(run.committed.timings))  # process-seconds summed, the longest wall time
+    results = build_results(lm, corpus, protocol, plan, context_length, acc, timings, compute)
     results["timings"]["processes"] = world.size
     if out_dir is not None:
-        _write_results(out_dir, results, state.acc, world)
+        _write_results(out_dir, results, acc, world)
         world.barrier()  # the results are on disk before any process's checkpoint goes
         checkpoints.remove()
         (out_dir / ".writable").unlink(missing_ok=True)
@@ -124,12 +173,23 @@ def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *
 
 # -- the steps ------------------------------------------------------------------------------
 
-@dataclass
-class _State:
-    """What a checkpoint holds: the statistics and the position, from the same instant."""
+_NO_TIME = {"forward_s": 0.0, "metric_s": 0.0}
+
+
+class _Snapshot(NamedTuple):
+    """What a checkpoint holds: the statistics and the position, from the same instant. Never
+    changed once made (timings included): the next batch makes the next snapshot."""
     acc: RankAccumulator
-    batches_done: int = 0
-    timings: dict = field(default_factory=lambda: {"forward_s": 0.0, "metric_s": 0.0})
+    batches_done: int
+    timings: dict
+
+
+class _Progress:
+    """The last committed snapshot. `committed` changes in one attribute store (the commit), so a
+    KeyboardInterrupt, which Python raises between bytecodes, finds either snapshot, whole."""
+
+    def __init__(self, committed: _Snapshot):
+        self.committed = committed
 
 
 def _device(lm: LoadedModel, device) -> torch.device:
@@ -157,30 +217,46 @@ def _plan(lm: LoadedModel, corpus: Corpus, protocol: Protocol):
         raise EvalError(f"corpus {corpus.name!r}: {exc}") from exc
 
 
-def _open_run_dir(output_path: Optional[str], lm: LoadedModel, corpus: Corpus) -> Optional[Path]:
+def _open_run_dir(output_path: Optional[str], lm: LoadedModel, corpus: Corpus, world: World) -> Optional[Path]:
+    """OUTPUT/<model>/<corpus>/, created, checked to lie inside OUTPUT whatever the names (and
+    whatever symbolic links), cleared of temporary files that killed writes left, writable."""
     if output_path is None:
         return None
-    out_dir = Path(output_path) / safe_name(lm.name) / safe_name(corpus.name)
+    root = Path(output_path)
+    out_dir = root / safe_name(lm.name) / safe_name(corpus.name)
     try:
+        _check_inside(out_dir, root)
         out_dir.mkdir(parents=True, exist_ok=True)
+        _check_inside(out_dir, root)
+        if world.rank == 0:  # before any process writes here: every temporary file is stale
+            remove_stale_temporaries(out_dir)
+        world.barrier()
         write_atomic(out_dir / ".writable", b"")
     except OSError as exc:
         raise EvalError(f"cannot write results to {out_dir}: {exc}") from exc
     return out_dir
 
 
+def _check_inside(path: Path, root: Path) -> None:
+    if root.resolve() not in path.resolve().parents:
+        raise EvalError(f"refusing to write results to {path}: it resolves to {path.resolve()}, outside "
+                        f"the output folder {root.resolve()}")
+
+
 class _Checkpoints:
     """This process's checkpoint file: when to write it, reading it back, removing it. Without
     a run folder (no output_path) it keeps nothing."""
 
-    def __init__(self, out_dir: Optional[Path], world: World, identity: dict, n_batches: int,
+    def __init__(self, out_dir: Optional[Path], world: World, identity: dict, work: List[List[Window]],
                  every_s: float, on_checkpoint):
-        self.out_dir, self.world, self.identity, self.n_batches = out_dir, world, identity, n_batches
+        self.out_dir, self.world, self.identity, self.n_batches = out_dir, world, identity, len(work)
+        # tokens_after[k]: the tokens this process's first k batches score
+        self.tokens_after = list(itertools.accumulate((sum(w.n_scored for w in b) for b in work), initial=0))
         self.path = None if out_dir is None else out_dir / checkpoint_name(world.rank, world.size)
         self.every_s, self.on_checkpoint = every_s, on_checkpoint
         self.last_save = time.monotonic()
 
-    def resume(self, fresh: _State) -> _State:
+    def resume(self, fresh: _Snapshot) -> _Snapshot:
         if self.path is None:
             return fresh
         ours = {checkpoint_name(r, self.world.size) for r in range(self.world.size)}
@@ -188,26 +264,28 @@ class _Checkpoints:
         if others:
             raise EvalError(f"{self.out_dir} holds checkpoints of a run with another number of "
                             f"processes ({', '.join(others)}); resume with that number or remove them")
-        if not self.path.exists():
+        if not (self.path.exists() or self.path.is_symlink()):
             return fresh
-        saved = torch.load(self.path, weights_only=True)
-        if saved.get("identity") != self.identity:
-            raise EvalError(f"{self.path} was written by a different run (model, corpus, protocol, "
-                            "batching or token stream differ); remove it or drop --resume")
-        fresh.acc.load_state_dict(saved["accumulator"])
-        return _State(fresh.acc, saved["batches_done"], saved["timings"])
+        try:
+            saved = read_checkpoint(self.path, self.identity, self.n_batches, self.tokens_after.__getitem__)
+            fresh.acc.load_state_dict(saved.accumulator)
+        except (CheckpointError, TypeError, ValueError) as exc:
+            raise EvalError(str(exc)) from exc
+        return _Snapshot(fresh.acc, saved.batches_done, saved.timings)
 
-    def save(self, state: _State, notify: bool = True) -> None:
+    def save(self, state: _Snapshot, notify: bool = True) -> None:
         if self.path is None:
             return
-        save_atomic(self.path, {"identity": self.identity, "accumulator": state.acc.state_dict(),
-                                "batches_done": state.batches_done, "timings": state.timings})
+        try:
+            write_checkpoint(self.path, self.identity, state.acc.state_dict(), state.batches_done, state.timings)
+        except OSError as exc:
+            raise EvalError(f"cannot write the checkpoint {self.path}: {exc}") from exc
         self.last_save = time.monotonic()
         if notify and self.on_checkpoint is not None:
             self.on_checkpoint(CheckpointWritten(self.path, state.batches_done, self.n_batches,
                                                  self.world.rank, self.world.size))
 
-    def save_if_due(self, state: _State) -> None:
+    def save_if_due(self, state: _Snapshot) -> None:
         if time.monotonic() - self.last_save >= self.every_s:
             self.save(state)
 
@@ -216,36 +294,57 @@ class _Checkpoints:
             self.path.unlink(missing_ok=True)
 
 
-def _score(lm: LoadedModel, work: List[List[Window]], state: _State, checkpoints: _Checkpoints,
+def _score(lm: LoadedModel, work: List[List[Window]], progress: _Progress, checkpoints: _Checkpoints,
            device: torch.device, backend: str, bar) -> None:
-    """Runs this process's batches from state.batches_done on, into state."""
+    """Runs this process's batches from the committed position on, committing each whole batch:
+    its statistics and position together (_Progress). backend: resolved (compute_identity)."""
     pad_id = lm.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (lm.tokenizer.eos_token_id or 0)
     started = time.monotonic()
     try:
         with torch.no_grad():
-            for batch in work[state.batches_done:]:
+            for batch in work[progress.committed.batches_done:]:
+                before = progress.committed
                 input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, pad_id))
                 t0 = time.perf_counter()
                 logits = lm.logits(input_ids, attention_mask)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                state.acc.update(logits, labels, backend=backend)  # [B, T, V]: vocab truncated to the tokenizer's
+                _check_backend(backend, logits)
+                acc = before.acc.copy()  # the committed statistics stay as they are until the commit
+                acc.update(logits, labels, backend=backend)  # [B, T, V]: vocab truncated to the tokenizer's
                 t2 = time.perf_counter()
-                state.timings["forward_s"] += t1 - t0
-                state.timings["metric_s"] += t2 - t1
-                state.batches_done += 1
+                timings = dict(before.timings, forward_s=before.timings["forward_s"] + t1 - t0,
+                               metric_s=before.timings["metric_s"] + t2 - t1)
+                progress.committed = _Snapshot(acc, before.batches_done + 1, timings)  # the commit
                 bar.update(sum(w.n_scored for w in batch))
-                checkpoints.save_if_due(state)
+                checkpoints.save_if_due(progress.committed)
     except BaseException:
-        if state.batches_done > 0:
-            checkpoints.save(state, notify=False)  # keep what was measured: a KeyboardInterrupt or an error mid-run
+        # Keep what was measured (a KeyboardInterrupt or an error mid-run): the last commit only.
+        if progress.committed.batches_done > 0:
+            try:
+                checkpoints.save(progress.committed, notify=False)
+            except EvalError:
+                pass  # the error that brought us here is the one to report
         raise
     finally:
         bar.close()
-    state.timings["wall_s"] = state.timings.get("wall_s", 0.0) + time.monotonic() - started
-    checkpoints.save(state)  # all of it: a run killed from here on resumes without recomputing
+    done = progress.committed
+    progress.committed = done._replace(timings=dict(done.timings, wall_s=done.timings.get("wall_s", 0.0)
+                                                    + time.monotonic() - started))
+    checkpoints.save(progress.committed)  # all of it: a run killed from here on resumes without recomputing
+
+
+def _check_backend(backend: str, logits: torch.Tensor) -> None:
+    """The backend resolved for the run (its identity) is the one these logits get."""
+    try:
+        resolved = resolve_backend("auto", logits)
+    except (TypeError, ValueError):
+        return  # update() says what is wrong with the logits
+    if resolved == "torch" and backend != "torch":
+        raise EvalError(f"the model's logits are {logits.dtype} on {logits.device}, which backend "
+                        f"{backend!r} (the run's) cannot take; run with backend='torch'")
 
 
 class _NoBar:
@@ -269,12 +368,16 @@ def _progress_bar(progress: bool, world: World, desc: str, work, batches_done: i
 
 def _write_results(out_dir: Path, results: dict, acc: RankAccumulator, world: World) -> None:
     if world.rank == 0:
-        save_atomic(out_dir / "accumulator.pt", acc.state_dict())
-        write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        try:
+            save_atomic(out_dir / "accumulator.pt", acc.state_dict())
+            write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise EvalError(f"cannot write results to {out_dir}: {exc}") from exc
         results["path"] = str(out_dir / "results.json")
 
 
-def build_results(lm, corpus, protocol, plan, context_length, acc, timings, backend) -> dict:
+def build_results(lm, corpus, protocol, plan, context_length, acc, timings, compute) -> dict:
+    """The results dict; compute: compute_identity's (what computed the numbers)."""
     d, dp = acc.decompose(), acc.decompose("pessimistic")
     n_tokens = acc.n_tokens
     import transformers
@@ -282,7 +385,7 @@ def build_results(lm, corpus, protocol, plan, context_length, acc, timings, back
         "format": RESULTS_FORMAT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": lm.name, "source": lm.source, "family": lm.family, "step": lm.step,
-                  "vocab_size": lm.vocab_size,
+                  "vocab_size": lm.vocab_size, "dtype": lm.dtype,
                   "context_length": lm.context_length, "n_parameters": lm.n_parameters},
         "corpus": {"name": corpus.name, "source": corpus.source, "kind": corpus.kind,
                    "license": corpus.license, "n_documents_available": len(corpus.documents)},
@@ -305,7 +408,8 @@ def build_results(lm, corpus, protocol, plan, context_length, acc, timings, back
                         metric_overhead=timings["metric_s"] / max(timings["forward_s"], 1e-9)),
         "versions": {"rankops": rankops.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version(),
-                     "backend": backend},
+                     "backend": compute["backend"]},  # the one that ran, never "auto"
+        "compute": {k: v for k, v in compute.items() if k != "versions"},
     }
 
 
