@@ -19,8 +19,8 @@ can write the file can recompute it. The invariants and the token count catch a 
 sequence of batches could have produced, forged or not. Every refusal is a CheckpointError
 whose message is one line naming the file and what is wrong with it.
 
-check_accumulator_state is the accumulator's invariants, here until RankAccumulator.load_state_dict
-(rankops/accumulate.py) checks the same; then it should call that.
+The invariants have one owner, rankops.ops.accumulate.check_state, which
+RankAccumulator.load_state_dict and the torchmetrics metric call too.
 """
 import hashlib
 import json
@@ -33,8 +33,8 @@ import torch
 
 from rankops.accumulate import STATE_FORMAT
 from rankops.atomic import save_atomic
-from rankops.ops.accumulate import (COUNT, COUNT_PESS, N_ROWS, SUM_HI, SUM_HI_PESS, SUM_LO,
-                                    SUM_LO_PESS, decompose_state)
+from rankops.ops import accumulate as state_ops
+from rankops.ops.accumulate import COUNT, N_ROWS, decompose_state
 
 CHECKPOINT_FORMAT = 2
 _KEYS = ("format", "identity", "accumulator", "batches_done", "timings", "digest")
@@ -86,54 +86,12 @@ def check_state_header(state, vocab_size: Optional[int] = None) -> int:
 
 def check_accumulator_state(state, vocab_size: Optional[int] = None) -> None:
     """Refuses (ValueError) a RankAccumulator state that no sequence of updates could have
-    produced: the header (check_state_header), then, by strict and by pessimistic rank,
-    counts >= 0, low words in [0, 2^32), logp sums <= 0 (every logp is) and >= -2^23 per token
-    (the accumulable limit), no sum without tokens; as many tokens by pessimistic rank as by
-    strict rank (fewer only once ties were unknown), never fewer pessimistic ranks below any k
-    (rank + ties >= rank); 0 <= n_tied <= n_tokens, and n_tied no smaller than the tokens the
-    pessimistic ranks moved past any k; n_skipped >= 0."""
+    produced: the header (check_state_header), then the accumulator's invariants, from their
+    owner (rankops.ops.accumulate.check_state)."""
     vocab_size = check_state_header(state, vocab_size)
-    stats = state["stats"].cpu()
-    n_tied = int(state["n_tied"])
-    n_skipped = int(state.get("n_skipped", torch.zeros(())))
-    ties_known = state.get("ties_known", True)
-    counts = {}
-    for name, count_row, hi_row, lo_row in (("strict", COUNT, SUM_HI, SUM_LO),
-                                            ("pessimistic", COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS)):
-        count, hi, lo = stats[count_row], stats[hi_row], stats[lo_row]
-        if bool((count < 0).any()):
-            raise ValueError(f"the accumulator state has a negative {name} count")
-        # A total below 2^62 keeps every sum and cumulative sum below exact in int64.
-        if float(count.double().sum()) >= 2.0 ** 62:
-            raise ValueError(f"the accumulator state's {name} counts add up to more than 2^62 tokens")
-        if bool(((lo < 0) | (lo >= 1 << 32)).any()):
-            raise ValueError(f"the accumulator state has a {name} low word outside [0, 2^32)")
-        if bool(((hi > 0) | ((hi == 0) & (lo > 0))).any()):
-            raise ValueError(f"the accumulator state has a positive {name} logp sum (every logp is <= 0)")
-        if bool(((count == 0) & ((hi != 0) | (lo != 0))).any()):
-            raise ValueError(f"the accumulator state has a {name} logp sum at a rank without tokens")
-        # Each token adds q > -2^63 in units of 2^-40, so n tokens keep hi >= -n * 2^31.
-        if bool((hi < -(count.clamp(max=(1 << 32) - 1) << 31)).any()):
-            raise ValueError(f"the accumulator state has a {name} logp sum below -2^23 per token")
-        counts[name] = count
-    strict, pess = counts["strict"], counts["pessimistic"]
-    n_tokens, n_pess = int(strict.sum()), int(pess.sum())
-    if n_pess > n_tokens or (ties_known and n_pess != n_tokens):
-        raise ValueError(f"the accumulator state holds {n_tokens} tokens by strict rank but {n_pess} "
-                         "by pessimistic rank")
-    # Tokens of strict rank <= k minus those of pessimistic rank <= k: the tokens whose ties moved
-    # them past k. Never negative; each such token has a tie, so n_tied is at least the largest.
-    moved_past = strict.cumsum(0) - pess.cumsum(0)
-    if bool((moved_past < 0).any()):
-        raise ValueError("the accumulator state has more tokens of pessimistic rank <= k than of "
-                         "strict rank <= k for some k (rank + ties is never below rank)")
-    if not 0 <= n_tied <= n_tokens:
-        raise ValueError(f"the accumulator state's n_tied is {n_tied}, outside [0, n_tokens={n_tokens}]")
-    if ties_known and n_tied < int(moved_past.max()):
-        raise ValueError(f"the accumulator state's n_tied is {n_tied}, but at least {int(moved_past.max())} "
-                         "tokens have ties")
-    if n_skipped < 0:
-        raise ValueError(f"the accumulator state's n_skipped is {n_skipped}, below 0")
+    n_skipped = state.get("n_skipped", torch.zeros((), dtype=torch.int64))
+    state_ops.check_state(state["stats"], torch.as_tensor(state["n_tied"]), torch.as_tensor(n_skipped),
+                          vocab_size, ties_known=state.get("ties_known", True), where="the accumulator state")
 
 
 # -- the digest ------------------------------------------------------------------------------

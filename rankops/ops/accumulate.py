@@ -161,35 +161,53 @@ def check_state_tensors(stats, n_tied, n_skipped, vocab_size: int, where: str = 
 
 def check_state(stats, n_tied, n_skipped, vocab_size: int, *, ties_known: bool = True,
                 where: str = "state") -> None:
-    """Raises unless the state is one that some sequence of updates could have produced:
-    the layout's dtype and shape; counts >= 0; lo words in [0, 2^32); every bin's logp sum
-    <= 0 (each logp is), zero where the bin is empty and no lower than count * -2^23; the
-    pessimistic rows hold the same tokens as the strict ones (when ties are known, else at
-    most as many); 0 <= n_tied <= n_tokens; n_skipped >= 0."""
+    """Raises ValueError unless the state is one that some sequence of updates could have
+    produced. By strict and by pessimistic rank: counts >= 0, totalling below 2^62; lo words in
+    [0, 2^32); every bin's logp sum <= 0 (each logp is), none where the bin has no token, and
+    no lower than -2^23 per token. As many tokens by pessimistic rank as by strict rank (at most
+    as many once ties were unknown), and never more of pessimistic rank <= k than of strict
+    rank <= k (rank + ties >= rank); 0 <= n_tied <= n_tokens, and n_tied at least the tokens
+    the ties moved past any k; n_skipped >= 0. The one owner of these invariants: RankAccumulator,
+    the torchmetrics metric and the evaluation's checkpoints all call it."""
     check_state_tensors(stats, n_tied, n_skipped, vocab_size, where)
     s = stats.detach().to("cpu")
+    counts = {}
     for count_row, hi_row, lo_row, label in ((COUNT, SUM_HI, SUM_LO, "strict"),
                                              (COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS, "pessimistic")):
         count, hi, lo = s[count_row], s[hi_row], s[lo_row]
         if bool((count < 0).any()):
-            raise ValueError(f"{where}: a {label} count is negative")
+            raise ValueError(f"{where} has a negative {label} count")
+        # A total below 2^62 keeps every sum and cumulative sum exact in int64.
+        if float(count.double().sum()) >= 2.0 ** 62:
+            raise ValueError(f"{where} has {label} counts adding up to 2^62 tokens or more")
         if bool(((lo < 0) | (lo > LOW_MASK)).any()):
-            raise ValueError(f"{where}: a {label} low word lies outside [0, 2^32)")
-        total = hi.to(torch.float64) * 2.0 ** 32 + lo.to(torch.float64)  # units of 2^-40
-        if bool((total > 0).any()):
-            raise ValueError(f"{where}: a {label} logp sum is positive (every logp is <= 0)")
-        if bool(((count == 0) & (total != 0)).any()):
-            raise ValueError(f"{where}: a {label} bin holds a logp sum but no token")
-        if bool((total < -count.to(torch.float64) * (LOGP_LIMIT * LOGP_SCALE)).any()):
-            raise ValueError(f"{where}: a {label} logp sum is below count * -2^23")
-    n_strict, n_pess = int(s[COUNT].sum()), int(s[COUNT_PESS].sum())
-    if (n_pess != n_strict) if ties_known else (n_pess > n_strict):
-        raise ValueError(f"{where}: the pessimistic counts total {n_pess} tokens, the strict ones "
-                         f"{n_strict}")
+            raise ValueError(f"{where} has a {label} low word outside [0, 2^32)")
+        if bool(((hi > 0) | ((hi == 0) & (lo > 0))).any()):
+            raise ValueError(f"{where} has a positive {label} logp sum (every logp is <= 0)")
+        if bool(((count == 0) & ((hi != 0) | (lo != 0))).any()):
+            raise ValueError(f"{where} has a {label} logp sum at a rank without tokens")
+        # Each token adds q >= -2^63 in units of 2^-40, so n tokens keep hi >= -n * 2^31.
+        if bool((hi < -(count.clamp(max=LOW_MASK) << 31)).any()):
+            raise ValueError(f"{where} has a {label} logp sum below -2^23 per token")
+        counts[label] = count
+    strict, pess = counts["strict"], counts["pessimistic"]
+    n_strict, n_pess = int(strict.sum()), int(pess.sum())
+    if n_pess > n_strict or (ties_known and n_pess != n_strict):
+        raise ValueError(f"{where} holds {n_strict} tokens by strict rank but {n_pess} by "
+                         "pessimistic rank")
+    # Tokens of strict rank <= k minus those of pessimistic rank <= k: the tokens whose ties moved
+    # them past k. Never negative; each such token has a tie, so n_tied is at least the largest.
+    moved_past = strict.cumsum(0) - pess.cumsum(0)
+    if bool((moved_past < 0).any()):
+        raise ValueError(f"{where} has more tokens of pessimistic rank <= k than of strict rank <= k "
+                         "for some k (rank + ties is never below rank)")
     if not 0 <= int(n_tied) <= n_strict:
-        raise ValueError(f"{where}: n_tied = {int(n_tied)} is outside [0, n_tokens = {n_strict}]")
+        raise ValueError(f"{where} has n_tied = {int(n_tied)}, outside [0, n_tokens = {n_strict}]")
+    if ties_known and int(n_tied) < int(moved_past.max()):
+        raise ValueError(f"{where} has n_tied = {int(n_tied)}, but at least {int(moved_past.max())} "
+                         "tokens have ties")
     if int(n_skipped) < 0:
-        raise ValueError(f"{where}: n_skipped = {int(n_skipped)} is negative")
+        raise ValueError(f"{where} has n_skipped = {int(n_skipped)}, below 0")
 
 
 def bad_logp_error(row: int, shape) -> ValueError:
