@@ -17,18 +17,24 @@ struct IsaEntry {
   const char* name;
   Status (*token_stats)(const KernelArgs&);
   Status (*softmax_grad)(const KernelArgs&);
+  void (*block_partials)(const KernelArgs&, Partial*);
+  void (*fold_partials)(Partial*, const Partial*, int64_t, int64_t, bool, int);
+  int64_t (*finish_partials)(const Partial*, const float*, int64_t, int64_t*, int64_t*, float*, int);
 };
+#define RANKOPS_ISA_ENTRY(isa) {#isa, &isa::token_stats, &isa::softmax_grad, &isa::block_partials, \
+                                &isa::fold_partials, &isa::finish_partials}
 
 // Widest first.
 const IsaEntry kIsas[] = {
 #if defined(RANKOPS_HAVE_AVX512)
-    {"avx512", &avx512::token_stats, &avx512::softmax_grad},
+    RANKOPS_ISA_ENTRY(avx512),
 #endif
 #if defined(RANKOPS_HAVE_AVX2)
-    {"avx2", &avx2::token_stats, &avx2::softmax_grad},
+    RANKOPS_ISA_ENTRY(avx2),
 #endif
-    {"baseline", &baseline::token_stats, &baseline::softmax_grad},
+    RANKOPS_ISA_ENTRY(baseline),
 };
+#undef RANKOPS_ISA_ENTRY
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 
 bool cpu_has(const char* name) {
@@ -107,6 +113,21 @@ Status softmax_grad(const KernelArgs& args) {
   Status s;
   s.bad_target_row = first_bad_target(args);
   return s.bad_target_row >= 0 ? s : kIsas[g_active.load()].softmax_grad(args);
+}
+
+void block_partials(const KernelArgs& args, Partial* slices) {
+  kIsas[g_active.load()].block_partials(args, slices);
+}
+
+void fold_partials(Partial* running, const Partial* slices, int64_t n_rows, int64_t n_slices,
+                   bool started, int n_threads) {
+  kIsas[g_active.load()].fold_partials(running, slices, n_rows, n_slices, started, n_threads);
+}
+
+int64_t finish_partials(const Partial* running, const float* target_logit, int64_t n_rows,
+                        int64_t* rank, int64_t* ties, float* logp, int n_threads) {
+  return kIsas[g_active.load()].finish_partials(running, target_logit, n_rows, rank, ties, logp,
+                                                n_threads);
 }
 
 AccumulateResult accumulate(const KernelArgs& args, bool check_finite, bool leave_out) {

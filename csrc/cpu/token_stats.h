@@ -2,6 +2,7 @@
 // Every kernel takes the common argument struct (csrc/common/kernel_args.h).
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -15,12 +16,54 @@ struct Status {
 };
 
 namespace cpu {
+
+// Statistics of one slice of a row, as the token_stats kernel computes them. sum_exp is relative
+// to ref: the slice's logsumexp is ref + log(sum_exp). Slices merge associatively (log-add-exp
+// for the sums, integer addition for the counts), always in slice order.
+// The flags only matter at the end of a row that holds a non-finite value (nonfinite): max is
+// the largest non-NaN value; posinf says a +inf was seen; nan says a NaN was seen (certain only
+// for chunks without a +inf, where a NaN sum can have no other cause).
+// Plain data, the same on every instruction set: the fused output layer keeps arrays of them
+// between blocks (block_partials below).
+struct Partial {
+  float ref = -std::numeric_limits<float>::infinity();
+  double sum_exp = 0.0;
+  int64_t n_greater = 0;
+  int64_t n_equal = 0;   // includes the target itself
+  float max = -std::numeric_limits<float>::infinity();
+  bool nonfinite = false;
+  bool posinf = false;
+  bool nan = false;
+};
+
+// The fused output layer (rankops/ops/linear_token_stats.py) computes a row's logits block by
+// block and never holds the whole row; these three steps are the token_stats kernel's own row
+// arithmetic cut at slice boundaries, so a row folded from its blocks gets bit for bit what
+// token_stats gives on the whole row (blocks start at multiples of kSliceCols).
+//  - block_partials: args.logits is one block [n_rows, n_cols] of columns, args.target_logit
+//    each row's target logit (float32); writes each slice's Partial to slices[n_rows, n_slices]
+//    (n_slices = ceil(n_cols / kSliceCols)). A slice's nan flag is made exact (rescanned when
+//    the slice holds a +inf), since the row cannot be rescanned at the end.
+//  - fold_partials: merges slices[n_rows, n_slices] into running[n_rows] in slice order;
+//    started = false makes the first slice the running value, as the kernel does.
+//  - finish_partials: rank, ties (less the target itself) and logp from running and the
+//    target logits; returns the first row holding a non-finite value, or -1.
+constexpr int64_t kSliceCols = 16384;  // a row is computed as slices of this many columns
+
+#define RANKOPS_DECLARE_BLOCK_OPS \
+  void block_partials(const KernelArgs& args, Partial* slices); \
+  void fold_partials(Partial* running, const Partial* slices, int64_t n_rows, int64_t n_slices, \
+                     bool started, int n_threads); \
+  int64_t finish_partials(const Partial* running, const float* target_logit, int64_t n_rows, \
+                          int64_t* rank, int64_t* ties, float* logp, int n_threads);
+
 // One definition per instruction set, from csrc/cpu/token_stats_kernel.cpp and
 // csrc/cpu/softmax_grad_kernel.cpp. They assume targets in range: call the dispatchers below,
 // which check them first.
 #define RANKOPS_DECLARE_ISA(isa) \
   namespace isa { Status token_stats(const KernelArgs& args); \
-                  Status softmax_grad(const KernelArgs& args); }
+                  Status softmax_grad(const KernelArgs& args); \
+                  RANKOPS_DECLARE_BLOCK_OPS }
 RANKOPS_DECLARE_ISA(baseline)
 RANKOPS_DECLARE_ISA(avx2)
 RANKOPS_DECLARE_ISA(avx512)
@@ -37,6 +80,9 @@ bool set_isa(const char* name);  // "" or "auto" selects the widest supported
 // token_stats fills rank/ties/logp; softmax_grad fills grad (every row of it).
 Status token_stats(const KernelArgs& args);
 Status softmax_grad(const KernelArgs& args);
+// The block steps above, on the active instruction set (the merge's rounding is the kernel's).
+RANKOPS_DECLARE_BLOCK_OPS
+#undef RANKOPS_DECLARE_BLOCK_OPS
 
 struct AccumulateResult {
   Status status;

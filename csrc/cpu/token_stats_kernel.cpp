@@ -26,28 +26,12 @@ namespace RANKOPS_ISA {
 namespace {
 
 constexpr int64_t kChunk = 2048;           // values per chunk: the rebase granularity
-constexpr int64_t kSliceCols = 16384;      // a row is computed as slices of this many columns
 constexpr int64_t kMinParallelWork = 1 << 15;  // below this many logits, threads cost more than they save
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
-// Statistics of one slice of a row. sum_exp is relative to ref: the slice's logsumexp is
-// ref + log(sum_exp). Slices merge associatively (log-add-exp for the sums, integer addition
-// for the counts).
-// The flags only matter at the end of a row that holds a non-finite value (nonfinite): max is
-// the largest non-NaN value; posinf says a +inf was seen; nan says a NaN was seen (certain only
-// for chunks without a +inf, where a NaN sum can have no other cause).
-struct Partial {
-  float ref = kNegInf;
-  double sum_exp = 0.0;
-  int64_t n_greater = 0;
-  int64_t n_equal = 0;   // includes the target itself
-  float max = kNegInf;
-  bool nonfinite = false;
-  bool posinf = false;
-  bool nan = false;
-};
-
+// A row's statistics are Partials (token_stats.h), one per slice of kSliceCols columns, merged
+// left to right by merge_into.
 inline void merge_into(Partial& a, const Partial& b) {
   const float m = a.ref > b.ref ? a.ref : b.ref;
   if (m != kNegInf) {
@@ -199,13 +183,15 @@ double row_sum_exp(const T* row, int64_t col_stride, int64_t n_cols, float ref) 
   return sum;
 }
 
-// logsumexp of the row's first n_cols values. docs/DESIGN.md: NaN if any is NaN, else +inf if
+// logsumexp of a row from its merged Partial. docs/DESIGN.md: NaN if any is NaN, else +inf if
 // any is +inf, else -inf if all are -inf; the streaming sums cannot tell these apart, so the
-// flags do, for rows that hold a non-finite value (finite rows pay one test per row).
-template <typename T, typename IsBF16>
-double row_lse(const Logits& z, const T* row, const Partial& p) {
+// flags do, for rows that hold a non-finite value (finite rows pay one test per row). What only
+// the row itself can tell comes from the callbacks: whether it holds a NaN (asked only when it
+// holds a +inf too), and its sum of exp(z - m) relative to its maximum m.
+template <typename HasNan, typename SumExp>
+double lse_of(const Partial& p, HasNan has_nan, SumExp sum_exp_below) {
   if (p.nonfinite) {
-    if (p.nan || (p.posinf && row_has_nan<T, IsBF16>(row, z.col_stride, z.n_cols)))
+    if (p.nan || (p.posinf && has_nan()))
       return std::numeric_limits<double>::quiet_NaN();
     if (p.posinf) return std::numeric_limits<double>::infinity();
     if (p.max == kNegInf) return -std::numeric_limits<double>::infinity();
@@ -213,8 +199,14 @@ double row_lse(const Logits& z, const T* row, const Partial& p) {
   // An external target logit far above the whole row: the reference never came down to the
   // row's values, so sum them again relative to their own maximum.
   if (p.max < p.ref - kRebaseMargin)
-    return static_cast<double>(p.max) + std::log(row_sum_exp<T, IsBF16>(row, z.col_stride, z.n_cols, p.max));
+    return static_cast<double>(p.max) + std::log(sum_exp_below(p.max));
   return static_cast<double>(p.ref) + std::log(p.sum_exp);
+}
+
+template <typename T, typename IsBF16>
+double row_lse(const Logits& z, const T* row, const Partial& p) {
+  return lse_of(p, [&] { return row_has_nan<T, IsBF16>(row, z.col_stride, z.n_cols); },
+                [&](float m) { return row_sum_exp<T, IsBF16>(row, z.col_stride, z.n_cols, m); });
 }
 
 template <typename T, typename IsBF16>
@@ -297,7 +289,71 @@ Status run(const KernelArgs& a) {
   return status;
 }
 
+// The fused output layer's steps (token_stats.h): the slices of one block of columns, each
+// computed exactly as run() computes it.
+template <typename T, typename IsBF16>
+void block_partials_of(const KernelArgs& a, Partial* slices) {
+  const Logits& z = a.logits;
+  const T* base = static_cast<const T*>(z.data);
+  const int n_threads = z.n_rows * z.n_cols < kMinParallelWork ? 1 : a.n_threads;
+  const int64_t n_slices = (z.n_cols + kSliceCols - 1) / kSliceCols;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t task = 0; task < z.n_rows * n_slices; ++task) {
+    const int64_t r = task / n_slices, s = task % n_slices;
+    const T* row = base + z.row_offset(r);
+    const int64_t begin = s * kSliceCols;
+    const int64_t end = begin + kSliceCols < z.n_cols ? begin + kSliceCols : z.n_cols;
+    Partial q = slice_stats<T, IsBF16>(row, z.col_stride, begin, end, a.target_logit[r]);
+    // The row is gone by the time it is finished, so its NaN test (run() asks it only of rows
+    // holding a +inf) is answered here, per slice, where the values still are.
+    if (q.posinf && !q.nan)
+      q.nan = row_has_nan<T, IsBF16>(row + begin * z.col_stride, z.col_stride, end - begin);
+    slices[task] = q;
+  }
+}
+
 }  // namespace
+
+void block_partials(const KernelArgs& a, Partial* slices) {
+  switch (a.logits.dtype) {
+    case DType::kFloat32: return block_partials_of<float, std::false_type>(a, slices);
+    case DType::kBFloat16: return block_partials_of<uint16_t, std::true_type>(a, slices);
+    case DType::kFloat16: return block_partials_of<uint16_t, std::false_type>(a, slices);
+  }
+}
+
+void fold_partials(Partial* running, const Partial* slices, int64_t n_rows, int64_t n_slices,
+                   bool started, int n_threads) {
+#pragma omp parallel for schedule(static) num_threads(n_rows * n_slices < 4096 ? 1 : n_threads)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t s = 0; s < n_slices; ++s) {
+      const Partial& q = slices[r * n_slices + s];
+      if (s == 0 && !started) running[r] = q; else merge_into(running[r], q);  // as row_stats
+    }
+  }
+}
+
+int64_t finish_partials(const Partial* running, const float* target_logit, int64_t n_rows,
+                        int64_t* rank, int64_t* ties, float* logp, int n_threads) {
+  int64_t first_nonfinite = std::numeric_limits<int64_t>::max();
+#pragma omp parallel for schedule(static) num_threads(n_rows < 4096 ? 1 : n_threads) \
+    reduction(min : first_nonfinite)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const Partial& p = running[r];
+    const float target = target_logit[r];
+    rank[r] = p.n_greater;
+    ties[r] = p.n_equal - (target == target ? 1 : 0);  // the target lies in its row: not its own tie
+    // The nan flags are exact (block_partials). The rescan of a row far below its reference is
+    // reached only with a -inf target (a finite target lies in its row, so the row's max is at
+    // least the target, the first reference, and every later one), where logp is -inf for any
+    // finite logsumexp: the merged sum stands in for it.
+    const double lse = lse_of(p, [] { return false; }, [&](float m) {
+      return p.sum_exp * std::exp(static_cast<double>(p.ref) - m); });
+    logp[r] = static_cast<float>(static_cast<double>(target) - lse);
+    if (p.nonfinite && r < first_nonfinite) first_nonfinite = r;
+  }
+  return first_nonfinite == std::numeric_limits<int64_t>::max() ? -1 : first_nonfinite;
+}
 
 Status token_stats(const KernelArgs& a) {
   switch (a.logits.dtype) {
