@@ -52,13 +52,15 @@ PYBIND11_MODULE(_C, m) {
   // byte buffers of partial_bytes each.
   m.attr("partial_bytes") = sizeof(cpu::Partial);
   m.attr("slice_cols") = cpu::kSliceCols;
-  m.def("block_partials", [](const Logits& z, Ptr targets, Ptr target_logit, Ptr slices, int n_threads) {
-    KernelArgs a = make_args(z, targets, 0, n_threads);
+  m.def("block_partials", [](const Logits& z, Ptr target_logit, Ptr slices, int n_threads) {
+    if (!target_logit || !slices || n_threads < 1)
+      throw py::value_error("block_partials needs target_logit, slices and n_threads >= 1");
+    KernelArgs a;  // no targets: every row is kept, its target logit given
+    a.logits = z, a.n_threads = n_threads;
     a.target_logit = reinterpret_cast<const float*>(target_logit);
-    if (!a.target_logit || !slices) throw py::value_error("block_partials needs target_logit and slices");
     py::gil_scoped_release release;
     cpu::block_partials(a, reinterpret_cast<cpu::Partial*>(slices));
-  }, py::arg("logits"), py::arg("targets"), py::arg("target_logit"), py::arg("slices"),
+  }, py::arg("logits"), py::arg("target_logit"), py::arg("slices"),
      py::arg("n_threads") = 1);
   m.def("fold_partials", [](Ptr running, Ptr slices, int64_t n_rows, int64_t n_slices, bool started,
                             int n_threads) {

@@ -9,6 +9,7 @@ from rankops.accumulate import RankAccumulator
 from rankops.decompose import Decomposition, decompose, decompose_counts
 from rankops.loss import CompensatedCrossEntropy, RunningRankStats, compensated_cross_entropy
 from rankops.ops.common import available_backends
+from rankops.ops.linear_token_stats import linear_token_stats
 from rankops.ops.token_stats import TokenStats, token_stats
 from rankops.ops.vocab_parallel import token_stats_vocab_parallel
 
@@ -25,6 +26,7 @@ __all__ = [
     "decompose",
     "decompose_counts",
     "fit",
+    "linear_token_stats",
     "token_stats",
     "token_stats_vocab_parallel",
 ]

@@ -232,3 +232,71 @@ def cuda_softmax_grad(logits, targets, lse, scale, ignore_index, n_cols, grad):
         logits=_describe(z, n_cols), targets=t.data_ptr(), ignore_index=ignore_index,
         lse=lse_.data_ptr(), scale=scale_.data_ptr(), grad=grad.data_ptr(),
         stream=torch.cuda.current_stream(logits.device).cuda_stream)
+
+
+# The fused output layer's block steps (csrc/cpu/token_stats.h; rankops/ops/linear_token_stats.py):
+# a row's statistics are kept as the CPU kernel's own per-slice partials in byte buffers, so a
+# row folded from its blocks gets exactly what cpu_token_stats gives on the whole row.
+
+def cpu_slice_cols() -> int:
+    """Columns per slice of the CPU kernel's rows: blocks must start at multiples of this."""
+    return int(require().slice_cols)
+
+
+def cpu_partials(n: int) -> torch.Tensor:
+    """An uninitialised buffer for n row/slice partials."""
+    return torch.empty(n * require().partial_bytes, dtype=torch.uint8)
+
+
+def _check_partials(buf, n, name):
+    if buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.device.type != "cpu" \
+            or buf.numel() < n * _C.partial_bytes:
+        raise ValueError(f"{name} must be a contiguous CPU uint8 buffer of at least {n} partials")
+
+
+def cpu_block_partials(logits, target_logit, slices) -> int:
+    """Each slice's partial of a block of logits [n, w] (CPU, any strides; the block starts at a
+    multiple of cpu_slice_cols() in its rows), against target_logit ([n] float32 contiguous),
+    into slices (cpu_partials of n * ceil(w / cpu_slice_cols())). Returns the slices per row."""
+    C = require()
+    n_rows, width = logits.shape
+    n_slices = -(-width // C.slice_cols)
+    if logits.dtype not in DTYPE_CODES or logits.device.type != "cpu":
+        raise TypeError(f"logits must be float32, bfloat16 or float16 on the CPU, got {logits.dtype} "
+                        f"on {logits.device}")
+    if target_logit.shape != (n_rows,) or target_logit.dtype != torch.float32 \
+            or not target_logit.is_contiguous():
+        raise ValueError(f"target_logit must be a contiguous float32 tensor of shape ({n_rows},)")
+    _check_partials(slices, n_rows * n_slices, "slices")
+    if n_rows:
+        C.block_partials(logits=_describe(logits, width), target_logit=target_logit.data_ptr(),
+                         slices=slices.data_ptr(), n_threads=torch.get_num_threads())
+    return n_slices
+
+
+def cpu_fold_partials(running, slices, n_rows, n_slices, started) -> None:
+    """Merges slices [n_rows, n_slices] into running [n_rows] in slice order (started=False: the
+    first slice becomes the running partial)."""
+    C = require()
+    _check_partials(running, n_rows, "running")
+    _check_partials(slices, n_rows * n_slices, "slices")
+    if n_rows:
+        C.fold_partials(running=running.data_ptr(), slices=slices.data_ptr(), n_rows=n_rows,
+                        n_slices=n_slices, started=started, n_threads=torch.get_num_threads())
+
+
+def cpu_finish_partials(running, target_logit):
+    """(rank, ties, logp, first row holding a non-finite logit or -1) from the merged partials
+    [n] and the target logits ([n] float32 contiguous), as cpu_token_stats finishes a row."""
+    C = require()
+    n_rows = target_logit.numel()
+    _check_partials(running, n_rows, "running")
+    if target_logit.dtype != torch.float32 or not target_logit.is_contiguous() or target_logit.dim() != 1:
+        raise ValueError("target_logit must be a contiguous 1-d float32 tensor")
+    rank, ties, logp = _outputs(target_logit, "cpu")
+    first_bad = -1
+    if n_rows:
+        first_bad = C.finish_partials(running=running.data_ptr(), target_logit=target_logit.data_ptr(),
+                                      n_rows=n_rows, rank=rank.data_ptr(), ties=ties.data_ptr(),
+                                      logp=logp.data_ptr(), n_threads=torch.get_num_threads())
+    return rank, ties, logp, first_bad

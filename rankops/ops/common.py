@@ -184,3 +184,93 @@ def first_flagged_row(flags: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(n, device=flags.device)
     first = torch.where(flags.reshape(-1) != 0, rows, n).min() if n else torch.tensor(n, device=flags.device)
     return torch.where(first == n, -1, first)
+
+
+# The fused output layer (rankops/ops/linear_token_stats.py): no logits tensor, so its own checks.
+LINEAR_BACKENDS = ("auto", "cpu", "torch")
+
+
+def _check_linear_tensors(hidden, weight, targets, bias) -> None:
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
+        if x is None and name == "bias":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided or x.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"{name} must be a dense (strided) tensor on a CPU or CUDA device, got "
+                            f"layout {x.layout} on {x.device}")
+    if hidden.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"hidden dtype {hidden.dtype} is not supported; use float32, bfloat16, "
+                        "float16 or float64")
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {x.dtype}")
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden on {hidden.device}: all tensors "
+                             "must be on one device")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden on {hidden.device}: all "
+                         "tensors must be on one device")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [N, D] or [..., D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, D] with D = hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows (V = 0)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight's rows), got "
+                         f"{tuple(bias.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of class indices, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but hidden of shape "
+                         f"{tuple(hidden.shape)} needs targets of shape {tuple(hidden.shape[:-1])}")
+    if targets.numel() == 0:
+        raise ValueError(f"empty input: hidden of shape {tuple(hidden.shape)} holds no tokens")
+
+
+def _resolve_linear_backend(backend, hidden) -> str:
+    if backend in ("cuda", "triton"):
+        raise ValueError(f"linear_token_stats has no {backend!r} backend yet (issue 14); use "
+                         "backend='cpu' (CPU tensors) or 'torch'")
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        usable = hidden.device.type == "cpu" and _ext.has_cpu_kernel() and hidden.dtype in KERNEL_DTYPES
+        return "cpu" if usable else "torch"
+    return resolve_backend(backend, torch.empty(0, 1, dtype=hidden.dtype, device=hidden.device))
+
+
+def prepare_linear(hidden, weight, targets, bias, *, ignore_index: int, vocab_size: Optional[int],
+                   backend: str, check_finite: bool, validate: bool, block_size: Optional[int]):
+    """prepare() for logits given as hidden @ weight.T + bias: checks every argument and returns
+    (targets as contiguous int64, RowOptions, block_size). The targets' range is checked here
+    with validate=True (on every backend: the block path runs no kernel that checks it)."""
+    check_flags(check_finite, validate)
+    _check_linear_tensors(hidden, weight, targets, bias)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    n_rows_w = weight.shape[0]
+    n_cols = n_rows_w
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int or None, got {vocab_size!r}")
+        if not 1 <= vocab_size <= n_rows_w:
+            raise ValueError(f"vocab_size must be in [1, {n_rows_w}] (weight's rows), got {vocab_size}")
+        n_cols = vocab_size
+    backend = _resolve_linear_backend(backend, hidden)
+    slice_cols = _ext.cpu_slice_cols() if _ext.has_cpu_kernel() else 16384
+    if block_size is None:
+        block_size = 2 * slice_cols
+    elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    elif backend == "cpu" and block_size % slice_cols:
+        raise ValueError(f"block_size must be a multiple of {slice_cols} on backend 'cpu' (the "
+                         f"kernel's slice width, so that logp is the kernel's), got {block_size}")
+    targets = targets.to(torch.int64).contiguous()
+    if validate:
+        check_target_range(targets, ignore_index, n_cols)
+    return targets, RowOptions(ignore_index, n_cols, backend, check_finite, validate), block_size
