@@ -129,6 +129,20 @@ class RankAccumulator:
                                  check_finite=check_finite, validate=validate)
             self._adopt(state)
 
+    def update_linear(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                      bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                      backend: str = "auto", check_finite: bool = True,
+                      block_size: Optional[int] = None) -> None:
+        """Adds a batch given as the output layer's input: the logits hidden @ weight.T + bias
+        (weight [V, D] with V >= vocab_size) are computed block by block and never held
+        (rankops.linear_token_stats). A call that raises adds nothing."""
+        from rankops.ops.linear_token_stats import linear_token_stats
+        stats = linear_token_stats(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                   vocab_size=self.vocab_size, backend=backend,
+                                   check_finite=check_finite, block_size=block_size)
+        with self._lock:
+            self._update_stats(stats.rank, stats.logp, stats.ties)
+
     def update_stats(self, rank: torch.Tensor, logp: torch.Tensor,
                      ties: Optional[torch.Tensor] = None) -> None:
         """Adds per-token results (rank -1 = ignored), e.g. from rankops.token_stats.

@@ -69,8 +69,11 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     targets, opt, block_size = prepare_linear(
         hidden, weight, targets, bias, ignore_index=ignore_index, vocab_size=vocab_size,
         backend=backend, check_finite=check_finite, validate=validate, block_size=block_size)
-    rank, ties, logp, first_bad = linear_token_stats_op(hidden, weight, bias, targets, opt.ignore_index,
-                                                        opt.n_cols, block_size, opt.backend)
+    # A measurement, not a loss: no gradient flows (and matmuls into a buffer admit none).
+    bias = None if bias is None else bias.detach()
+    rank, ties, logp, first_bad = linear_token_stats_op(hidden.detach(), weight.detach(), bias, targets,
+                                                        opt.ignore_index, opt.n_cols, block_size,
+                                                        opt.backend)
     if check_finite:
         bad_row = int(first_bad)
         if bad_row >= 0:
