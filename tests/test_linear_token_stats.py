@@ -171,9 +171,10 @@ def test_update_linear_equals_update(backend):
     assert torch.equal(b.stats, before)  # a call that raises adds nothing
 
 
-def test_no_logits_sized_allocation():
+def test_no_logits_sized_allocation(monkeypatch):
     """Peak extra memory: no tensor of anything near N * V elements is allocated; the largest is
-    the block buffer (BUFFER_ELEMENTS), here 1/10 of the logits."""
+    the block buffer (BUFFER_ELEMENTS), here 1/20 of the logits."""
+    monkeypatch.setattr(lts, "BUFFER_ELEMENTS", 1 << 22)
     if "cpu" not in HOST:
         pytest.skip("no cpu backend")
     from torch.profiler import ProfilerActivity, profile
@@ -184,7 +185,7 @@ def test_no_logits_sized_allocation():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend="cpu")
     largest = max(e.self_cpu_memory_usage for e in prof.events())
-    assert 0 < largest <= lts.BUFFER_ELEMENTS * 4 <= logits_bytes / 8, (largest, logits_bytes)
+    assert 0 < largest <= lts.BUFFER_ELEMENTS * 4 <= logits_bytes / 19, (largest, logits_bytes)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -29,10 +29,11 @@ from rankops.ops import reference
 from rankops.ops.common import first_flagged_row, nonfinite_error, prepare_linear
 from rankops.ops.token_stats import TokenStats
 
-# The logits buffer of the CPU path holds at most this many elements (32 MiB in fp32; the L3
-# of one socket): rows_per_chunk = BUFFER_ELEMENTS // block_size. block_size defaults to two
-# of the kernel's slices (ops/common.py, prepare_linear).
-BUFFER_ELEMENTS = 1 << 23
+# The logits buffer of the CPU path holds at most this many elements (64 MiB in fp32):
+# rows_per_chunk = BUFFER_ELEMENTS // block_size. Fewer rows make the matmuls slower (measured
+# on 2 cores, D = 640: 2^22 elements cost ~35% over one big matmul, 2^23 ~20%); more rows cost
+# memory. block_size defaults to two of the kernel's slices (ops/common.py, prepare_linear).
+BUFFER_ELEMENTS = 1 << 24
 REFERENCE_ELEMENTS = 1 << 24      # the torch backend's [rows, V] chunk
 
 
