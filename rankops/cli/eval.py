@@ -23,9 +23,11 @@ def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="decompose a model's cross-entropy on corpora",
                        description="Runs each model on each corpus and writes OUTPUT/<model>/<corpus>/"
                        "results.json with the decomposition; prints a markdown table.")
+    from rankops.eval.models import BUILTIN_MODELS
     e.add_argument("--model", action="append", required=True, metavar="MODEL",
-                   help="a transformers folder, a .gguf file, 'smollm2', or a hub id; repeat for "
-                        "several models or checkpoints")
+                   help="a transformers folder, a .gguf file, a built-in ("
+                        + ", ".join(f"'{m.name}': {m.description}" for m in BUILTIN_MODELS.values())
+                        + "), or a hub id; repeat for several models or checkpoints")
     e.add_argument("--step", action="append", type=int, metavar="N",
                    help="training step of each --model, in order (default: read from names like "
                         "checkpoint-1000)")

