@@ -7,6 +7,8 @@ families together on that corpus) CE, EE, SA and Conf are fitted as log M = a + 
 say so. Groups always stay within one corpus: fitting across corpora would mix distributions.
 """
 import json
+import math
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, List
@@ -48,6 +50,21 @@ def run_of(result: dict) -> str:
     return str(Path(source).parent) if result["model"].get("step") is not None else source
 
 
+def natural_key(name: str) -> tuple:
+    """A sort key that orders the digits in a name as numbers: d48 before d128."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", str(name)) if part)
+
+
+def size_key(result: dict) -> tuple:
+    """Orders results by model size: the non-embedding parameter count the results record,
+    then (equal or missing counts) a natural sort of the model's name, then its step."""
+    n = result["model"].get("n_parameters", {}).get("non_embedding")
+    size = n if isinstance(n, (int, float)) and math.isfinite(n) else math.inf
+    step = result["model"].get("step")
+    return (size, natural_key(result["model"].get("name", "")), -1 if step is None else step)
+
+
 def final_points(results: List[dict]) -> List[dict]:
     """One result per (training run, corpus): the one with the largest step."""
     best = {}
@@ -60,9 +77,47 @@ def final_points(results: List[dict]) -> List[dict]:
     return [r for _, r in best.values()]
 
 
-def scaling_tables(results: List[dict]) -> List[dict]:
+def model_rows(results: List[dict]) -> List[dict]:
+    """One row per model and corpus (the final checkpoint of a run), by corpus then size: the
+    four components and their ratios to CE. What one model on one corpus can report."""
+    rows = []
+    for r in sorted(final_points(results), key=lambda r: (r["corpus"]["name"], size_key(r))):
+        d = r["decomposition"]
+        values = {short: float(d[key]) for short, key, _ in COMPONENTS}
+        ce = values["CE"]
+        rows.append({
+            "model": r["model"].get("name") or r["model"]["source"], "step": r["model"].get("step"),
+            "family": r["model"].get("family"), "corpus": r["corpus"]["name"],
+            "non_embedding_parameters": r["model"]["n_parameters"]["non_embedding"],
+            **values,
+            "ratio_to_CE": {k: (values[k] / ce if ce else float("nan")) for k in ("EE", "SA", "Conf")},
+        })
+    return rows
+
+
+def models_markdown(rows: List[dict]) -> str:
+    out = ["Per model and corpus, final checkpoint (nats per token; CE = EE + SA - Conf)", "",
+           "| model | step | corpus | non-embedding params | CE | EE | SA | Conf | EE/CE | SA/CE | Conf/CE |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = r["ratio_to_CE"]
+        step = "-" if r["step"] is None else r["step"]
+        out.append(f"| {r['model']} | {step} | {r['corpus']} | {r['non_embedding_parameters']:,} | "
+                   f"{r['CE']:.4f} | {r['EE']:.4f} | {r['SA']:.4f} | {r['Conf']:.4f} | "
+                   f"{q['EE']:.3f} | {q['SA']:.3f} | {q['Conf']:.3f} |")
+    return "\n".join(out)
+
+
+NO_POWER_LAW = ("No power law fitted: a scaling law in model size needs several model sizes "
+                "evaluated on one corpus (two at the very least, and far more for its exponent to "
+                "mean anything); these results have one size per corpus. Evaluate more models of "
+                "a family on the same corpus and run `rankops fit` on all their results.")
+
+
+def scaling_tables(results: List[dict], *, allow_empty: bool = False) -> List[dict]:
     """One row per (group, corpus) with at least two distinct model sizes: R^2, alpha and the
-    scaling difference |alpha_M - alpha_CE| of each component."""
+    scaling difference |alpha_M - alpha_CE| of each component. With no such group: a
+    ValueError, or [] with allow_empty=True."""
     points = final_points(results)
     groups = {}
     for r in points:
@@ -89,7 +144,7 @@ def scaling_tables(results: List[dict]) -> List[dict]:
             "scaling_difference": {k: scaling_difference(f, fits["CE"]) for k, f in fits.items() if k != "CE"},
             "warnings": sorted({str(w.message) for w in caught}),
         })
-    if not rows:
+    if not rows and not allow_empty:
         raise ValueError("no group has two or more model sizes on one corpus: nothing to fit")
     return rows
 

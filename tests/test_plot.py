@@ -56,6 +56,10 @@ def test_every_figure_is_written_with_its_axes(results_dir, tmp_path):
     assert len(finals) == 3 and len({r["model"]["n_parameters"]["non_embedding"] for r in finals}) == 3
     png = plt.imread(tmp_path / "scaling.png")
     assert png.shape[0] > 200 and png.std() > 0.01  # something was drawn
+    for p in written:
+        if p.suffix == ".png":
+            w, h = png_size(p)
+            assert w <= 2400 and h <= 2400, (p.name, w, h)
 
 
 def test_axes_and_data(results_dir, tmp_path, monkeypatch):
@@ -91,76 +95,115 @@ def test_axes_and_data(results_dir, tmp_path, monkeypatch):
     np.testing.assert_allclose(drawn, want, rtol=1e-12)
 
 
-def test_cli_and_nothing_to_plot(results_dir, tmp_path, capsys):
+def png_size(path):
+    """(width, height) in pixels, from the PNG header."""
+    import struct
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_cli(results_dir, tmp_path, capsys):
     assert main(["plot", str(results_dir), "--output-dir", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "p_vs_q.pdf").exists()
-    one = next(results_dir.glob("size48/*/results.json"))
-    assert main(["plot", str(one), "--output-dir", str(tmp_path / "g")]) == 2
-    assert "nothing to plot" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out.split() == [str(tmp_path / "f" / f"{f}.{e}") for f in FIGURES for e in ("png", "pdf")]
+    assert f"5 figures (PNG and PDF) in {tmp_path / 'f'}" in err and "not drawn" not in err
     assert main(["fit", str(results_dir)]) == 0
 
 
-def with_accumulator(results_dir, tmp_path, write):
-    """A copy of the results whose last checkpoint's accumulator.pt is replaced by write(path)."""
-    import shutil
-    shutil.copytree(results_dir, tmp_path / "results")
-    path = next((tmp_path / "results").glob("checkpoint-1000/*/accumulator.pt"))
-    write(path)
-    return tmp_path / "results", path
+def test_one_model_on_one_corpus_gets_its_figures_and_its_shares(results_dir, tmp_path, capsys):
+    # The main job's output: one model, no checkpoint series, one corpus.
+    one = next(results_dir.glob("size48/*/results.json"))
+    assert main(["plot", str(one), "--output-dir", str(tmp_path / "g")]) == 0
+    out, err = capsys.readouterr()
+    drawn = ("rank_distribution", "p_vs_q", "shares")
+    assert out.split() == [str(tmp_path / "g" / f"{f}.{e}") for f in drawn for e in ("png", "pdf")]
+    assert f"3 figures (PNG and PDF) in {tmp_path / 'g'}" in err
+    assert "components_vs_step not drawn: it needs a checkpoint series" in err
+    assert "scaling not drawn: it needs two or more model sizes on one corpus" in err
+    for f in drawn:
+        w, h = png_size(tmp_path / "g" / f"{f}.png")
+        assert 300 < w <= 900 and 250 < h <= 900, (f, w, h)  # one panel
+    assert main(["fit", str(one)]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(one.read_text())["decomposition"]
+    row = next(line for line in out.splitlines() if line.startswith("| size48 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:8] == [f"{r[k]:.4f}" for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence")]
+    assert cells[8] == f"{r['error_entropy'] / r['cross_entropy']:.3f}"
+    assert "No power law fitted" in out and "needs several model sizes" in out
+    assert "Scaling difference" not in out
 
 
-def test_a_small_file_claiming_a_huge_vocabulary_is_refused_before_any_allocation(results_dir, tmp_path):
-    # 2e8 columns would be 9.6 GB of int64 state; the file holds a few bytes. The command runs
-    # with its address space capped at 2 GiB above what its imports took: allocating the
-    # claimed state would fail there, not succeed slowly.
-    import subprocess
-    import sys
-    claim = {"format": 1, "vocab_size": 200_000_000, "stats": torch.zeros(6, 4, dtype=torch.int64),
-             "n_tied": torch.tensor(0), "n_skipped": torch.tensor(0), "ties_known": True}
-    folder, path = with_accumulator(results_dir, tmp_path, lambda p: torch.save(claim, p))
-    assert path.stat().st_size < 4096
-    code = ("import resource, sys, time\n"
-            "import torch, matplotlib.pyplot\n"
-            "from rankops.cli import main\n"
-            "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (vm + 2 ** 31, resource.RLIM_INFINITY))\n"
-            "t0 = time.monotonic()\n"
-            "rc = main(['plot', sys.argv[1], '--output-dir', sys.argv[2]])\n"
-            "print(f'elapsed {time.monotonic() - t0:.1f}')\n"
-            "sys.exit(rc)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "figures")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"rankops plot: error: {path}: "), r.stderr
-    assert "claims vocab_size 200000000 but its stats are a torch.int64 tensor of shape (6, 4)" in r.stderr
-    assert float(r.stdout.split()[-1]) < 60
+def captured_figures(monkeypatch, render=False):
+    """A record of each figure's panels, (title, row, column) in order; the figure is rendered
+    as PNG alone with render=True, else not at all."""
+    import rankops.plot
+    seen, original = {}, rankops.plot._save
+
+    def recording_save(fig, out_dir, name):
+        seen[name] = [(ax.get_title(), ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start)
+                      for ax in fig.axes]
+        if render:
+            return original(fig, out_dir, name)
+        rankops.plot._plt().close(fig)
+        return [Path(out_dir) / f"{name}.png"]
+
+    monkeypatch.setattr(rankops.plot, "_save", recording_save)
+    monkeypatch.setattr(rankops.plot, "FORMATS", ("png",))
+    return seen
 
 
-@pytest.mark.parametrize("form, message", [
-    ("truncated", "cannot be read as an accumulator file"),
-    ("not a dict", "not a dict"),
-    ("a negative count", "negative strict count"),
-    ("a hostile pickle", "refused unread"),
-])
-def test_a_bad_accumulator_file_is_one_line_and_exit_2(results_dir, tmp_path, capsys, form, message):
-    import os
+def test_panels_are_ordered_by_size_then_by_natural_name(results_dir, tmp_path, monkeypatch):
+    seen = captured_figures(monkeypatch)
+    results = load_results([str(results_dir)])
+    models = {r["model"]["name"]: r for r in results if r["model"]["step"] is None}
+    # by size: the checkpoint run (width 32) < size48 < size64, whatever the names say
+    models["size48"]["model"]["name"], models["size64"]["model"]["name"] = "zz-small", "aa-large"
+    plot_all(results, str(tmp_path))
+    titles = [t.split(" (")[0] for t, _, _ in seen["rank_distribution"]]
+    assert titles == ["run", "zz-small", "aa-large"]
+    assert [t.split(" (")[0] for t, _, _ in seen["p_vs_q"]] == titles
+    # equal sizes fall back to a natural sort of names: d48 before d128
+    for name, r in (("d128", models["size48"]), ("d48", models["size64"])):
+        r["model"]["name"] = name
+        r["model"]["n_parameters"]["non_embedding"] = 10 ** 9
+    plot_all(results, str(tmp_path))
+    assert [t.split(" (")[0] for t, _, _ in seen["rank_distribution"]] == ["run", "d48", "d128"]
 
-    class Hostile:
-        def __reduce__(self):
-            return (os.system, ("true",))
 
-    def write(path):
-        if form == "truncated":
-            path.write_bytes(path.read_bytes()[:100])
-        elif form == "not a dict":
-            torch.save(torch.zeros(3), path)
-        elif form == "a negative count":
-            state = torch.load(path)
-            state["stats"][0, 0] = -1
-            torch.save(state, path)
-        else:
-            torch.save({"stats": Hostile()}, path)
-    folder, path = with_accumulator(results_dir, tmp_path, write)
-    assert main(["plot", str(folder), "--output-dir", str(tmp_path / "figures")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"rankops plot: error: {path}: ") and message in err, err
+def many_models(results_dir):
+    """14 single-model results, 7 sizes on each of 2 corpora, named d48 ... d256 and listed in
+    an order that is neither by size nor by name; they share the fixture's accumulators."""
+    import copy
+    base = [r for r in load_results([str(results_dir)]) if r["model"]["step"] is None]
+    out = []
+    for corpus in ("words", "other"):
+        for i, width in enumerate((160, 48, 256, 96, 128, 64, 192)):
+            r = copy.deepcopy(base[i % 2])
+            r["model"].update(name=f"d{width}", source=f"/models/d{width}", family="test")
+            r["model"]["n_parameters"]["non_embedding"] = width ** 2 * 100
+            r["corpus"]["name"] = corpus
+            out.append(r)
+    return out
+
+
+def test_many_panels_fill_a_grid_no_wider_than_2400_px(results_dir, tmp_path, monkeypatch):
+    from rankops.plot import MAX_COLS, MAX_WIDTH_PX
+    assert MAX_COLS == 4 and MAX_WIDTH_PX <= 2400
+    seen = captured_figures(monkeypatch, render=True)
+    written = plot_all(many_models(results_dir), str(tmp_path))
+    sizes = ["d48", "d64", "d96", "d128", "d160", "d192", "d256"]
+    for name in ("rank_distribution", "p_vs_q"):
+        panels = seen[name]
+        assert [(t.split(" (")[0], t.rsplit(", ", 1)[1]) for t, _, _ in panels] == \
+            [(s, c) for c in ("other", "words") for s in sizes]
+        # at most MAX_COLS a row, and each corpus starts a row of its own
+        assert [(row, col) for _, row, col in panels] == \
+            [(r + 2 * k, c) for k in range(2) for r, n in ((0, 4), (1, 3)) for c in range(n)]
+    assert [t for t, _, _ in seen["shares"]] == ["component shares, other", "component shares, words"]
+    assert sorted(p.name for p in written) == ["p_vs_q.png", "rank_distribution.png", "scaling.png", "shares.png"]
+    for p in written:  # rendered as `rankops plot` renders them: every image within the bound
+        w, h = png_size(p)
+        assert 400 < w <= MAX_WIDTH_PX and h <= MAX_WIDTH_PX, (p.name, w, h)

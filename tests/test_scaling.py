@@ -70,15 +70,41 @@ def test_cli_writes_tables(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "r"), "--output", str(tmp_path / "tables")]) == 0
     out = capsys.readouterr().out
     assert "| llama | austen | 5 | " in out and "Scaling difference" in out
-    rows = json.loads((tmp_path / "tables.json").read_text())
-    assert rows[0]["alpha"]["EE"] == pytest.approx(0.30, abs=1e-12)
+    assert "No power law fitted" not in out
+    tables = json.loads((tmp_path / "tables.json").read_text())
+    assert tables["fits"][0]["alpha"]["EE"] == pytest.approx(0.30, abs=1e-12)
+    assert [m["model"] for m in tables["models"]] == ["m0", "m1", "m2", "m3", "m4"]
     assert (tmp_path / "tables.md").read_text().strip() == out.strip()
+
+
+def test_one_model_gets_its_table_and_shares_and_no_power_law(tmp_path, capsys):
+    write_result(tmp_path / "one", "m0", "llama", "austen", 1e6, conf=0.25)
+    assert main(["fit", str(tmp_path / "one"), "--output", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    ee, sa = 9.0 * 1e6 ** -0.30, 0.8 * 1e6 ** -0.05
+    ce = ee + sa - 0.25
+    assert (f"| m0 | - | austen | 1,000,000 | {ce:.4f} | {ee:.4f} | {sa:.4f} | 0.2500 | "
+            f"{ee / ce:.3f} | {sa / ce:.3f} | {0.25 / ce:.3f} |") in out
+    assert "No power law fitted" in out and "needs several model sizes" in out
+    assert "R^2" not in out
+    tables = json.loads((tmp_path / "t.json").read_text())
+    assert tables["fits"] == [] and tables["models"][0]["ratio_to_CE"]["SA"] == pytest.approx(sa / ce, rel=1e-12)
+
+
+def test_models_are_ordered_by_size_then_by_natural_name(tmp_path):
+    from rankops.scaling import model_rows, natural_key
+    assert sorted(["d128", "d48", "d64", "a", "d9x"], key=natural_key) == ["a", "d9x", "d48", "d64", "d128"]
+    for name, x in (("d128", 5e6), ("d48", 5e6), ("big", 9e6), ("tiny", 1e5)):
+        write_result(tmp_path, name, "llama", "austen", x)
+    rows = model_rows(load_results([str(tmp_path)]))
+    assert [r["model"] for r in rows] == ["tiny", "d48", "d128", "big"]
 
 
 def test_bad_inputs(tmp_path, capsys):
     write_result(tmp_path / "one", "m0", "llama", "austen", 1e6)
-    assert main(["fit", str(tmp_path / "one")]) == 2
-    assert "two or more model sizes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="two or more model sizes"):
+        scaling_tables(load_results([str(tmp_path / "one")]))
+    assert scaling_tables(load_results([str(tmp_path / "one")]), allow_empty=True) == []
     assert main(["fit", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{}")
