@@ -116,6 +116,13 @@ def _fmt_value(v: float) -> str:
     return f"${m:.2g}\\times10^{{{e}}}$"
 
 
+def _fmt_power(v: float) -> str:
+    """A power of ten: 10^-5 ... 0.1 as 10^k, 1 and above as plain numbers."""
+    if v <= 0 or v >= 1:
+        return _fmt_value(v)
+    return f"$10^{{{round(math.log10(v))}}}$"
+
+
 # ---------------------------------------------------------------------------------------------
 # Axes
 
@@ -161,16 +168,19 @@ def _log_ticks(ax, count_axis: str = "") -> None:
             continue
         fmt = _fmt_count if name == count_axis else _fmt_value
         decades = math.log10(hi / lo)
-        if decades >= 3:  # powers of ten, about five labelled
+        if decades >= 3:  # powers of ten, about five labelled, all below 1 as 10^k
             axis.set_major_locator(LogLocator(base=10, numticks=6))
+            if name != count_axis:
+                fmt = _fmt_power
             axis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) * 0.1, numticks=12))
-        else:  # 1-2-5 steps, finer if that labels fewer than three, else plain numbers
+        else:  # 1-2-5 steps, powers of ten, finer steps, plain numbers: the first with 3 to 8 labels
             axis.set_minor_locator(NullLocator())
             for locator in (LogLocator(base=10, subs=(1.0, 2.0, 5.0)),
+                            LogLocator(base=10, subs=(1.0,)),
                             LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)),
-                            MaxNLocator(nbins=4, min_n_ticks=3)):
+                            MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3)):
                 ticks = [t for t in locator.tick_values(lo, hi) if lo <= t <= hi]
-                if len(ticks) >= 3:
+                if 3 <= len(ticks) <= 8:
                     break
             axis.set_major_locator(locator)
         axis.set_major_formatter(FuncFormatter(lambda v, _, fmt=fmt: fmt(v)))

@@ -145,6 +145,11 @@ def captured_figures(monkeypatch, render=False):
     def recording_save(fig, out_dir, name):
         seen[name] = [(ax.get_title(), ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start)
                       for ax in fig.axes]
+        for ax in fig.axes:  # every log axis labels at least three ticks inside its limits
+            for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+                if axis.get_scale() == "log":
+                    ticks = [t for t in axis.get_major_locator()() if lo <= t <= hi]
+                    seen.setdefault("log ticks", []).append((name, ax.get_title(), len(ticks)))
         if render:
             return original(fig, out_dir, name)
         rankops.plot._plt().close(fig)
@@ -203,6 +208,8 @@ def test_many_panels_fill_a_grid_no_wider_than_2400_px(results_dir, tmp_path, mo
         assert [(row, col) for _, row, col in panels] == \
             [(r + 2 * k, c) for k in range(2) for r, n in ((0, 4), (1, 3)) for c in range(n)]
     assert [t for t, _, _ in seen["shares"]] == ["component shares, other", "component shares, words"]
+    assert {name for name, _, _ in seen["log ticks"]} == {"rank_distribution", "p_vs_q", "scaling", "shares"}
+    assert all(3 <= n <= 12 for _, _, n in seen["log ticks"]), seen["log ticks"]
     assert sorted(p.name for p in written) == ["p_vs_q.png", "rank_distribution.png", "scaling.png", "shares.png"]
     for p in written:  # rendered as `rankops plot` renders them: every image within the bound
         w, h = png_size(p)
