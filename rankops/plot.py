@@ -412,7 +412,8 @@ def shares(results, out_dir):
             ax.set_ylim(0, 1.12)
             ax.set_ylabel("share of |EE| + |SA| + |Conf|")
             ax.set_title(f"component shares, {corpus}", fontsize=10)
-            ax.legend(fontsize=8, loc="upper right")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3,
+                      frameon=False)
     return _save(fig, out_dir, "shares")
 
 
