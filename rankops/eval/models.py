@@ -15,12 +15,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from rankops.eval.cache import cache_root
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _cache_root() -> Path:
     """Where rankops caches GGUF files and their conversions ($RANKOPS_CACHE, else ~/.cache/rankops)."""
-    return Path(os.environ.get("RANKOPS_CACHE", Path.home() / ".cache" / "rankops"))
+    return cache_root()
 
 
 @dataclass(frozen=True)
