@@ -371,13 +371,14 @@ class _LiveBar:
     (every second on a terminal, every 30 s in a log): one batch's forward pass takes up to a
     minute on a CPU, and a bar that only moves when a batch ends looks hung."""
 
-    def __init__(self, bar, n_batches: int, batches_done: int):
+    def __init__(self, bar, n_batches: int, batches_done: int, every_s: Optional[float] = None):
         self.bar, self.n_batches, self.batches_done = bar, n_batches, batches_done
         self._show_batch()
         bar.refresh()
         self._stop = threading.Event()
-        interactive = getattr(bar.fp, "isatty", lambda: False)()
-        self._thread = threading.Thread(target=self._redraw, args=(1.0 if interactive else 30.0,),
+        if every_s is None:
+            every_s = 1.0 if getattr(bar.fp, "isatty", lambda: False)() else 30.0
+        self._thread = threading.Thread(target=self._redraw, args=(every_s,),
                                         name="rankops-progress", daemon=True)
         self._thread.start()
 
