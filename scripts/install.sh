@@ -7,7 +7,7 @@
 # environment you want rankops in (README: python3 -m venv .venv && . .venv/bin/activate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step() { echo "install.sh: [$1/5] $2 (${SECONDS} s so far)" >&2; }
+step() { echo "install.sh: [$1/4] $2 (${SECONDS} s so far)" >&2; }
 
 if ! python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null && [ -z "${CONDA_PREFIX:-}" ]; then
   echo "install.sh: note: this Python is not a virtual environment; if pip refuses to install" \
@@ -27,4 +27,4 @@ if ! python -m rankops corpora fetch; then
   echo "install.sh: the built-in corpora austen and kjv could not be fetched (see above); everything" \
        "else is installed, and cpython-stdlib or your own files work as corpora" >&2
 fi
-step 5 "done; check the installation with: python -m rankops"
+echo "install.sh: done in ${SECONDS} s; check the installation with: python -m rankops" >&2

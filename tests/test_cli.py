@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rankops
-from rankops.cli import build_parser, eval as eval_cli, main
+from rankops.cli import build_parser, main
 
 
 def test_version(capsys):

@@ -85,7 +85,8 @@ def add_parser(sub) -> None:
     e.add_argument("--context-length", type=_positive_int, default=None, metavar="TOKENS",
                    help="window length (default: the model's)")
     e.add_argument("--stride", type=_positive_int, default=None, metavar="TOKENS",
-                   help="sliding windows with this stride (default: disjoint windows)")
+                   help="sliding windows with this stride (default: windows overlapping by one token, "
+                        "each scoring all its tokens but the first)")
     e.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
     e.add_argument("--lm-eval-windows", action="store_true",
                    help="lm-evaluation-harness's rolling windows (what `rankops lm-eval` scores) instead")

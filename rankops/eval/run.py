@@ -377,7 +377,7 @@ class _LiveBar:
         bar.refresh()
         self._stop = threading.Event()
         if every_s is None:
-            every_s = 1.0 if getattr(bar.fp, "isatty", lambda: False)() else 30.0
+            every_s = 1.0 if getattr(getattr(bar, "fp", None), "isatty", lambda: False)() else 30.0
         self._thread = threading.Thread(target=self._redraw, args=(every_s,),
                                         name="rankops-progress", daemon=True)
         self._thread.start()

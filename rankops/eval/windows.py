@@ -2,11 +2,12 @@
 
 The paper's protocol is the default: shuffle the documents with seed 42 and take the first
 1000; tokenise each document alone with the model's tokenizer (no special tokens), prepending
-the tokenizer's BOS token where it has one; cut it into disjoint windows of the model's context
-length. Every token but a window's first is scored, given the window before it. With a stride,
-windows of the context length start every `stride` tokens instead and each scores only the
-tokens the previous window did not (the first scores all): more context per prediction, more
-compute. Batches are right-padded; padded positions are ignored (label -100).
+the tokenizer's BOS token where it has one; cut it into windows of the model's context length
+that overlap by one token (each starts at the previous one's last token). Every token but a
+window's first is scored, given the window before it: the scored tokens are disjoint, and each
+window's first prediction has one token of context. With a stride, windows of the context
+length start every `stride` tokens instead and each scores only the tokens the previous window
+did not (the first scores all): more context per prediction, more compute. Batches are right-padded; padded positions are ignored (label -100).
 
 With a budget of scored tokens (max_tokens), windows are taken in order until it is spent, and
 the window where it ends is cut after its last scored token: the tokens scored, and the context
@@ -40,7 +41,7 @@ class Protocol:
     n_documents: int = 1000          # after shuffling; None-like 0 would be an error
     seed: int = 42
     context_length: Optional[int] = None   # None: the model's
-    stride: Optional[int] = None     # None: disjoint windows
+    stride: Optional[int] = None     # None: windows overlapping by one token, scoring disjoint tokens
     add_bos: bool = True             # prepend BOS to each document, if the tokenizer has one
     max_tokens: Optional[int] = None  # budget of scored tokens; None: everything selected
     batch_size: int = 8
