@@ -371,3 +371,31 @@ def test_on_checkpoint_is_told_each_checkpoint(tokenizer, corpus, tmp_path):
     n_batches = seen[-1]
     assert n_batches > 2 and seen == list(range(1, n_batches + 1)) + [n_batches]  # each batch, then the end
     assert not list(tmp_path.glob("*/*/checkpoint*.pt"))  # removed once the results are written
+
+
+def test_resume_with_a_budget_equals_uninterrupted(tokenizer, corpus, tmp_path):
+    """A run whose last window is cut by --max-tokens, stopped after its second checkpoint and
+    resumed, ends with the statistics of one uninterrupted run."""
+    from rankops.eval.models import wrap_model
+    V = len(tokenizer)
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3))
+    lm = wrap_model(lambda input_ids, attention_mask: table[input_ids], tokenizer, name="bigram",
+                    context_length=16)
+    protocol = Protocol(context_length=16, batch_size=2, max_tokens=123)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second(written):
+        if written.batches_done == 2:
+            raise Stop
+    with pytest.raises(Stop):
+        evaluate(lm, corpus, protocol, output_path=str(tmp_path / "stopped"), progress=False,
+                 checkpoint_every_s=0, on_checkpoint=stop_at_second)
+    assert len(list((tmp_path / "stopped").glob("*/*/checkpoint.pt"))) == 1
+    resumed = evaluate(lm, corpus, protocol, output_path=str(tmp_path / "stopped"), progress=False, resume=True)
+    whole = evaluate(lm, corpus, protocol, output_path=str(tmp_path / "whole"), progress=False)
+    assert resumed["n_tokens"] == whole["n_tokens"] == 123
+    a = torch.load(Path(resumed["path"]).with_name("accumulator.pt"))
+    b = torch.load(Path(whole["path"]).with_name("accumulator.pt"))
+    assert torch.equal(a["stats"], b["stats"])
