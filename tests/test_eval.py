@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,59 @@ def test_disjoint_windows_score_every_token_but_window_starts(tokenizer, corpus)
 def test_token_budget_is_exact(tokenizer, corpus):
     plan = plan_windows(corpus.documents, tokenizer, Protocol(context_length=16, max_tokens=123), 16)
     assert plan.n_scored_tokens == 123 == sum(w.n_scored for w in plan.windows)
+
+
+def uncut_windows(tokenizer, corpus, protocol, context_length):
+    """The windows a budget selects, each whole (as before windows were cut): the full plan's,
+    in order, the last one scoring only what is left of the budget."""
+    full = plan_windows(corpus.documents, tokenizer, replace(protocol, max_tokens=None), context_length)
+    taken, left = [], protocol.max_tokens
+    for w in full.windows:
+        taken.append(replace(w, n_scored=min(w.n_scored, left)))
+        left -= taken[-1].n_scored
+        if left == 0:
+            return taken
+    raise AssertionError("the budget is larger than the corpus")
+
+
+def scored_pairs(windows):
+    """(context, label) for every scored token: what a causal model is asked."""
+    return [(w.tokens[:w.first_scored + i + 1], w.tokens[w.first_scored + i + 1])
+            for w in windows for i in range(w.n_scored)]
+
+
+@pytest.mark.parametrize("lm_eval_windows", [False, True])
+@pytest.mark.parametrize("budget", [123, 200])
+def test_budget_cuts_the_last_window_after_its_last_scored_token(tokenizer, corpus, lm_eval_windows, budget):
+    protocol = Protocol(context_length=16, max_tokens=budget, lm_eval_windows=lm_eval_windows)
+    plan = plan_windows(corpus.documents, tokenizer, protocol, 16)
+    whole = uncut_windows(tokenizer, corpus, protocol, 16)
+    assert scored_pairs(plan.windows) == scored_pairs(whole)  # same tokens, same contexts
+    assert plan.n_scored_tokens == budget
+    for w in plan.windows:  # no token past a window's last label
+        assert len(w.tokens) == w.first_scored + w.n_scored + 1
+        assert (w.input_length or len(w.tokens) - 1) == len(w.tokens) - 1
+    assert len(plan.windows[-1].tokens) < len(whole[-1].tokens)  # this budget ends inside a window
+
+
+def test_cut_window_gives_the_uncut_results(model_dir, corpus):
+    lm = load_model(str(model_dir))
+    protocol = Protocol(context_length=16, max_tokens=123, batch_size=4)
+    whole = uncut_windows(lm.tokenizer, corpus, protocol, 16)
+    got = evaluate(lm, corpus, protocol, progress=False)["decomposition"]
+    ranks, logps = [], []
+    with torch.no_grad():
+        for w in whole:
+            ids = torch.tensor([w.tokens])
+            logits = lm.model(input_ids=ids).logits[0, :-1, :lm.vocab_size]
+            sl = slice(w.first_scored, w.first_scored + w.n_scored)
+            s = rankops.token_stats(logits[sl], ids[0, 1:][sl], backend="torch")
+            ranks.append(s.rank)
+            logps.append(s.logp)
+    want = rankops.decompose(torch.cat(ranks), torch.cat(logps))
+    assert got["n_tokens"] == want.n_tokens == 123
+    assert got["error_entropy"] == pytest.approx(want.error_entropy, abs=1e-12)  # ranks: exactly
+    assert got["cross_entropy"] == pytest.approx(want.cross_entropy, abs=2e-5)
 
 
 KILL_AFTER_CHECKPOINT = Path(__file__).with_name("kill_after_checkpoint.py")
@@ -317,3 +371,31 @@ def test_on_checkpoint_is_told_each_checkpoint(tokenizer, corpus, tmp_path):
     n_batches = seen[-1]
     assert n_batches > 2 and seen == list(range(1, n_batches + 1)) + [n_batches]  # each batch, then the end
     assert not list(tmp_path.glob("*/*/checkpoint*.pt"))  # removed once the results are written
+
+
+def test_resume_with_a_budget_equals_uninterrupted(tokenizer, corpus, tmp_path):
+    """A run whose last window is cut by --max-tokens, stopped after its second checkpoint and
+    resumed, ends with the statistics of one uninterrupted run."""
+    from rankops.eval.models import wrap_model
+    V = len(tokenizer)
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3))
+    lm = wrap_model(lambda input_ids, attention_mask: table[input_ids], tokenizer, name="bigram",
+                    context_length=16)
+    protocol = Protocol(context_length=16, batch_size=2, max_tokens=123)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second(written):
+        if written.batches_done == 2:
+            raise Stop
+    with pytest.raises(Stop):
+        evaluate(lm, corpus, protocol, output_path=str(tmp_path / "stopped"), progress=False,
+                 checkpoint_every_s=0, on_checkpoint=stop_at_second)
+    assert len(list((tmp_path / "stopped").glob("*/*/checkpoint.pt"))) == 1
+    resumed = evaluate(lm, corpus, protocol, output_path=str(tmp_path / "stopped"), progress=False, resume=True)
+    whole = evaluate(lm, corpus, protocol, output_path=str(tmp_path / "whole"), progress=False)
+    assert resumed["n_tokens"] == whole["n_tokens"] == 123
+    a = torch.load(Path(resumed["path"]).with_name("accumulator.pt"))
+    b = torch.load(Path(whole["path"]).with_name("accumulator.pt"))
+    assert torch.equal(a["stats"], b["stats"])

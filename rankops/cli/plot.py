@@ -12,6 +12,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from rankops.cli.extras import first_missing
+    missing = first_missing("matplotlib")  # before anything, so that no empty folder is left
+    if missing:
+        print(f"rankops plot: error: {missing}", file=sys.stderr)
+        return 2
     from rankops.plot import plot_all
     from rankops.scaling import load_results
     try:

@@ -15,12 +15,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from rankops.eval.cache import cache_root
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _cache_root() -> Path:
     """Where rankops caches GGUF files and their conversions ($RANKOPS_CACHE, else ~/.cache/rankops)."""
-    return Path(os.environ.get("RANKOPS_CACHE", Path.home() / ".cache" / "rankops"))
+    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def _load_gguf(gguf_path: Path, dtype):
                                                      dtype=torch.float32)
     except ImportError as exc:
         raise ModelError(f"loading {gguf_path} needs the gguf and accelerate packages "
-                         f"(pip install gguf accelerate): {exc}") from exc
+                         f"(pip install \"rankops[eval]\"): {exc}") from exc
     # The weights are plain floats now, but transformers still marks the model as GGUF-quantised
     # and will not save it: save a plain model with the same weights instead.
     config = model.config
@@ -169,17 +171,41 @@ def _load_gguf(gguf_path: Path, dtype):
     return model.to(dtype), tokenizer
 
 
+def _check_builtin_installed(builtin: BuiltinModel) -> None:
+    missing = [req.split("==")[0] for req, m in zip(builtin.packages, builtin.modules) if _package_dir(m) is None]
+    if missing:
+        raise ModelError(f"model {builtin.name!r} ({builtin.description}) is not installed (missing: "
+                         f"{', '.join(missing)}): {builtin.pip_command}")
+
+
 def resolve_builtin(spec: str) -> Optional[Path]:
     """The GGUF file of a built-in model (None if spec is not one); a ModelError naming the pip
     command when its packages are not all installed."""
     builtin = BUILTIN_MODELS.get(spec)
     if builtin is None:
         return None
-    missing = [req.split("==")[0] for req, m in zip(builtin.packages, builtin.modules) if _package_dir(m) is None]
-    if missing:
-        raise ModelError(f"model {spec!r} ({builtin.description}) is not installed (missing: "
-                         f"{', '.join(missing)}): {builtin.pip_command}")
+    _check_builtin_installed(builtin)
     return builtin.locate(builtin)
+
+
+def check_model_spec(spec: str) -> None:
+    """What load_model would refuse without reading a model (a built-in not installed, a path
+    that does not exist, a spec of no known form), in milliseconds: a ModelError, as load_model's.
+    Hub ids pass: whether one exists is only known by asking the hub."""
+    builtin = BUILTIN_MODELS.get(spec)
+    if builtin is not None:
+        return _check_builtin_installed(builtin)
+    path = Path(spec)
+    if path.exists():
+        if path.suffix != ".gguf" and not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json: not a transformers model folder")
+    elif path.suffix == ".gguf":
+        raise ModelError(f"model file {path} does not exist")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec} does not exist")
+    elif spec.count("/") != 1:
+        raise ModelError(f"model {spec!r} is neither an existing path, a .gguf file, a built-in "
+                         f"({', '.join(BUILTIN_MODELS)}) nor a hub id (owner/name)")
 
 
 def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",

@@ -42,6 +42,8 @@ import itertools
 import json
 import platform
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Union
@@ -146,7 +148,10 @@ def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *
     device = _device(lm, device)
     world = _world(distributed)
     compute = compute_identity(lm, device, backend)
+    _stage(progress, world, f"{lm.name} on {corpus.name}: tokenising and cutting into windows")
     plan, context_length = _plan(lm, corpus, protocol)
+    _stage(progress, world, f"{lm.name} on {corpus.name}: {plan.n_scored_tokens} tokens to score in "
+                            f"{len(plan.windows)} windows of up to {context_length} tokens")
     work = world.shard([b for _, b in batches(plan.windows, 0, max_batch_tokens, protocol.batch_size)])
     # The batches depend on max_batch_tokens and the process count: a resumed run must cut them the same way.
     identity = dict(run_identity(lm, corpus, protocol, plan, compute),
@@ -355,15 +360,58 @@ class _NoBar:
         pass
 
 
+def _stage(progress: bool, world: World, message: str) -> None:
+    """A line on stderr saying what the run does before its bar starts (process 0 only)."""
+    if progress and world.rank == 0:
+        print(f"rankops eval: {message}", file=sys.stderr, flush=True)
+
+
+class _LiveBar:
+    """A tqdm bar of scored tokens that says which batch runs and redraws itself between updates
+    (every second on a terminal, every 30 s in a log): one batch's forward pass takes up to a
+    minute on a CPU, and a bar that only moves when a batch ends looks hung."""
+
+    def __init__(self, bar, n_batches: int, batches_done: int, every_s: Optional[float] = None):
+        self.bar, self.n_batches, self.batches_done = bar, n_batches, batches_done
+        self._show_batch()
+        bar.refresh()
+        self._stop = threading.Event()
+        if every_s is None:
+            every_s = 1.0 if getattr(getattr(bar, "fp", None), "isatty", lambda: False)() else 30.0
+        self._thread = threading.Thread(target=self._redraw, args=(every_s,),
+                                        name="rankops-progress", daemon=True)
+        self._thread.start()
+
+    def _show_batch(self) -> None:
+        running = self.batches_done < self.n_batches
+        self.bar.set_postfix_str(f"batch {self.batches_done + 1}/{self.n_batches}" if running else "done",
+                                 refresh=False)
+
+    def _redraw(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.bar.refresh()  # the elapsed time moves while a batch runs
+
+    def update(self, n: int) -> None:
+        self.batches_done += 1
+        self._show_batch()
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bar.close()
+
+
 def _progress_bar(progress: bool, world: World, desc: str, work, batches_done: int):
-    """A tqdm bar of scored tokens on process 0 (of its own batches, in a run of several)."""
+    """A bar of scored tokens on process 0 (of its own batches, in a run of several)."""
     if not progress or world.rank != 0:
         return _NoBar()
     from tqdm.auto import tqdm
     if world.size > 1:
         desc += f" (process 0 of {world.size})"
-    return tqdm(total=sum(w.n_scored for batch in work for w in batch), unit="tok", unit_scale=True,
-                desc=desc, initial=sum(w.n_scored for batch in work[:batches_done] for w in batch))
+    bar = tqdm(total=sum(w.n_scored for batch in work for w in batch), unit="tok", unit_scale=True,
+               desc=desc, initial=sum(w.n_scored for batch in work[:batches_done] for w in batch))
+    return _LiveBar(bar, len(work), batches_done)
 
 
 def _write_results(out_dir: Path, results: dict, acc: RankAccumulator, world: World) -> None:

@@ -2,11 +2,16 @@
 
 The paper's protocol is the default: shuffle the documents with seed 42 and take the first
 1000; tokenise each document alone with the model's tokenizer (no special tokens), prepending
-the tokenizer's BOS token where it has one; cut it into disjoint windows of the model's context
-length. Every token but a window's first is scored, given the window before it. With a stride,
-windows of the context length start every `stride` tokens instead and each scores only the
-tokens the previous window did not (the first scores all): more context per prediction, more
-compute. Batches are right-padded; padded positions are ignored (label -100).
+the tokenizer's BOS token where it has one; cut it into windows of the model's context length
+that overlap by one token (each starts at the previous one's last token). Every token but a
+window's first is scored, given the window before it: the scored tokens are disjoint, and each
+window's first prediction has one token of context. With a stride, windows of the context
+length start every `stride` tokens instead and each scores only the tokens the previous window
+did not (the first scores all): more context per prediction, more compute. Batches are right-padded; padded positions are ignored (label -100).
+
+With a budget of scored tokens (max_tokens), windows are taken in order until it is spent, and
+the window where it ends is cut after its last scored token: the tokens scored, and the context
+each is predicted from, are those of the uncut window; the tokens after them are not computed.
 
 `Protocol(lm_eval_windows=True)` reproduces lm-evaluation-harness's `loglikelihood_rolling`
 windows instead (its HFLM defaults, `lm_eval.utils.get_rolling_token_windows` with
@@ -23,7 +28,7 @@ and its last scored token is a label only (Window.input_length).
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -36,7 +41,7 @@ class Protocol:
     n_documents: int = 1000          # after shuffling; None-like 0 would be an error
     seed: int = 42
     context_length: Optional[int] = None   # None: the model's
-    stride: Optional[int] = None     # None: disjoint windows
+    stride: Optional[int] = None     # None: windows overlapping by one token, scoring disjoint tokens
     add_bos: bool = True             # prepend BOS to each document, if the tokenizer has one
     max_tokens: Optional[int] = None  # budget of scored tokens; None: everything selected
     batch_size: int = 8
@@ -106,8 +111,8 @@ def plan_windows(documents: Sequence[str], tokenizer, protocol: Protocol, contex
             doc_windows = lm_eval_rolling_windows(tokenizer, text, context_length)
             skipped += not doc_windows
             for w in doc_windows:
-                if budget is not None:
-                    w = replace(w, n_scored=min(w.n_scored, budget - n_scored_total))
+                if budget is not None and budget - n_scored_total < w.n_scored:
+                    w = _cut(w, budget - n_scored_total)
                 windows.append(w)
                 n_scored_total += w.n_scored
                 if budget is not None and n_scored_total >= budget:
@@ -129,7 +134,9 @@ def plan_windows(documents: Sequence[str], tokenizer, protocol: Protocol, contex
             if budget is not None:
                 n_scored = min(n_scored, budget - n_scored_total)
             if n_scored > 0:
-                windows.append(Window(tuple(window), first, n_scored))
+                # Cut after the last scored token: where the budget ends inside a window, the
+                # tokens past it would be computed for nothing (a whole window for 200 tokens).
+                windows.append(Window(tuple(window[:first + n_scored + 1]), first, n_scored))
                 n_scored_total += n_scored
             if budget is not None and n_scored_total >= budget:
                 return Plan(windows, len(selected), skipped, n_scored_total)
@@ -140,6 +147,15 @@ def plan_windows(documents: Sequence[str], tokenizer, protocol: Protocol, contex
         raise ValueError(f"no document has two or more tokens ({skipped} of {len(selected)} "
                          "selected documents are shorter): nothing to score")
     return Plan(windows, len(selected), skipped, n_scored_total)
+
+
+def _cut(w: Window, n_scored: int) -> Window:
+    """w scoring only its first n_scored labels, without the tokens after the last of them. A
+    causal model's logits at a position depend on the positions up to it only, so the tokens
+    scored and the context each is predicted from are w's."""
+    end = w.first_scored + n_scored  # the input positions read; tokens[end] is the last label
+    return Window(w.tokens[:end + 1], w.first_scored, n_scored,
+                  input_length=None if w.input_length is None else end)
 
 
 def lm_eval_rolling_windows(tokenizer, text: str, context_length: int) -> List[Window]:

@@ -1,5 +1,8 @@
-"""The built-in corpora: public-domain prose and code that Debian packages (or the interpreter)
-put on the machine, so that `rankops eval` runs offline. BUILTINS is their one registry."""
+"""The built-in corpora: public-domain prose and code from Debian packages (or the interpreter),
+so that `rankops eval` runs offline. BUILTINS is their one registry.
+
+A Debian package's files are looked for first where `rankops corpora fetch` unpacks them
+(rankops' cache: debian.package_root), then where apt installs them (/usr/...)."""
 import functools
 import os
 import re
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from rankops.eval.corpora.corpus import Corpus, CorpusError, make_corpus
+from rankops.eval.corpora.debian import package_root
 from rankops.eval.corpora.r_data import read_lazyload_db
 
 __all__ = ["BUILTINS", "Builtin", "builtin_corpora"]
@@ -38,12 +42,15 @@ _KJV_VERSES = 31102
 _AUSTEN_LICENSE = "public domain (the novels, via Project Gutenberg); MIT (the janeaustenr package)"
 _KJV_LICENSE = "public domain (the 1611 text; Crown copyright still applies in the UK)"
 _STDLIB_LICENSE = "PSF-2.0"
-_AUSTEN_INSTALL = "apt-get install r-cran-janeaustenr && pip install rdata"
-_KJV_INSTALL = "apt-get install bible-kjv"
+_AUSTEN_PACKAGES = ("r-cran-janeaustenr",)
+_KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")  # the `bible` program; its data
+_AUSTEN_INSTALL = "rankops corpora fetch austen"
+_KJV_INSTALL = "rankops corpora fetch kjv"
+_EVAL_EXTRA = 'pip install "rankops[eval]"'
 
 
 def _r_library_dirs() -> List[str]:
-    dirs = []
+    dirs = [str(package_root(_AUSTEN_PACKAGES[0]) / "usr" / "lib" / "R" / "site-library")]
     for var in ("R_LIBS", "R_LIBS_USER", "R_LIBS_SITE"):
         dirs.extend(d for d in os.environ.get(var, "").split(os.pathsep) if d)
     dirs.extend(_R_LIBRARIES)
@@ -60,11 +67,19 @@ def _austen_data_dir() -> Optional[Path]:
     return None
 
 
+def _bible_data_dirs() -> List[Path]:
+    return [package_root("bible-kjv-text") / "usr" / "lib"] + [Path(d) for d in _BIBLE_DATA_DIRS]
+
+
 def _bible_data_dir() -> Optional[Path]:
-    for d in _BIBLE_DATA_DIRS:
-        if (Path(d) / "bible.data").is_file():
-            return Path(d)
-    return None
+    return next((d for d in _bible_data_dirs() if (d / "bible.data").is_file()), None)
+
+
+def _bible_program() -> Optional[str]:
+    fetched = package_root("bible-kjv") / "usr" / "bin" / "bible"
+    if fetched.is_file() and os.access(fetched, os.X_OK):
+        return str(fetched)
+    return shutil.which("bible")
 
 
 def _has_module(name: str) -> bool:
@@ -118,12 +133,12 @@ def split_chapters(lines: List[str]) -> List[str]:
 def _load_austen() -> Corpus:
     data_dir = _austen_data_dir()
     if data_dir is None:
-        raise CorpusError("built-in corpus 'austen' is not installed: janeaustenr's data was not "
-                          f"found in {', '.join(_r_library_dirs())}; install it with "
-                          f"`{_AUSTEN_INSTALL}`")
+        raise CorpusError("built-in corpus 'austen' is not here (janeaustenr's data is in none of "
+                          f"{', '.join(_r_library_dirs())}): run `{_AUSTEN_INSTALL}` (Debian's "
+                          "r-cran-janeaustenr, 1.6 MB, unpacked into rankops' cache; no root)")
     if not _has_module("rdata"):
         raise CorpusError("built-in corpus 'austen' needs the rdata package to read R data: "
-                          "pip install rdata")
+                          f"{_EVAL_EXTRA}")
     try:
         novels = _austen_novel_lines(data_dir)
     except Exception as e:  # a janeaustenr or rdata version this reader does not know
@@ -149,10 +164,13 @@ _VERSE_RE = re.compile(r"^(\S+?)(\d+):(\d+) (.*)$")
 
 @functools.lru_cache(maxsize=None)
 def _load_kjv() -> Corpus:
-    exe, data_dir = shutil.which("bible"), _bible_data_dir()
+    exe, data_dir = _bible_program(), _bible_data_dir()
     if exe is None or data_dir is None:
-        raise CorpusError("built-in corpus 'kjv' is not installed (no `bible` program or no "
-                          f"bible.data); install it with `{_KJV_INSTALL}`")
+        missing = " and ".join(what for what, found in (("the `bible` program", exe), ("bible.data", data_dir))
+                               if found is None)
+        raise CorpusError(f"built-in corpus 'kjv' is not here ({missing} in neither rankops' cache "
+                          f"nor the system): run `{_KJV_INSTALL}` (Debian's bible-kjv and "
+                          "bible-kjv-text, 2.5 MB, unpacked into rankops' cache; no root)")
     # The whole text is one verse range; -p pins the data file (by default `bible` looks in
     # the working directory first), stdin is closed so that it never waits for commands.
     cmd = [exe, "-p", str(data_dir), "-f", "Gen1:1-Rev22:21"]
@@ -162,8 +180,11 @@ def _load_kjv() -> Corpus:
     except (OSError, subprocess.SubprocessError) as e:
         raise CorpusError(f"built-in corpus 'kjv': running {' '.join(cmd)} failed: {e}") from e
     if proc.returncode != 0:
+        # 127 from the loader: a library the program needs (libreadline8) is missing.
         raise CorpusError(f"built-in corpus 'kjv': {' '.join(cmd)} exited with "
-                          f"{proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
+                          f"{proc.returncode}: {proc.stderr.decode(errors='replace').strip()}"
+                          + (" (the `bible` program needs libreadline8: apt-get install libreadline8)"
+                             if b"libreadline" in proc.stderr else ""))
     text = proc.stdout.decode("utf-8", errors="replace")
     chapters: dict = {}  # (book, chapter) -> verses, in order of appearance
     n_verses = 0
@@ -233,7 +254,8 @@ class Builtin:
     kind: str
     description: str
     license: str
-    install: str
+    install: str                 # the command that provides it
+    packages: tuple              # the Debian packages `rankops corpora fetch` unpacks for it
     available: Callable[[], bool]
     load: Callable[[], Corpus]   # cached: a built-in is read once per process
 
@@ -242,26 +264,28 @@ BUILTINS = {b.name: b for b in (
     Builtin("austen", "prose",
             "Jane Austen's six completed novels, one document per chapter "
             "(Debian's r-cran-janeaustenr, read with the rdata package)",
-            _AUSTEN_LICENSE, _AUSTEN_INSTALL,
+            _AUSTEN_LICENSE, _AUSTEN_INSTALL, _AUSTEN_PACKAGES,
             available=lambda: _austen_data_dir() is not None and _has_module("rdata"), load=_load_austen),
     Builtin("kjv", "prose",
             "The King James Bible, one document per chapter, one verse per line "
             "(Debian's bible-kjv, decoded by its `bible` program)",
-            _KJV_LICENSE, _KJV_INSTALL,
-            available=lambda: shutil.which("bible") is not None and _bible_data_dir() is not None,
+            _KJV_LICENSE, _KJV_INSTALL, _KJV_PACKAGES,
+            available=lambda: _bible_program() is not None and _bible_data_dir() is not None,
             load=_load_kjv),
     Builtin("cpython-stdlib", "code",
             "The running interpreter's CPython standard library, one document per .py file "
             "(no test directories, no site-packages)",
-            _STDLIB_LICENSE, "none: ships with the Python interpreter",
+            _STDLIB_LICENSE, "none: ships with the Python interpreter", (),
             available=lambda: _stdlib_root().is_dir(), load=_load_stdlib),
 )}
 
 
 def builtin_corpora() -> List[dict]:
-    """One dict per built-in corpus: name, kind, description, license, install, available."""
+    """One dict per built-in corpus: name, kind, description, license, install, packages (the
+    Debian packages it comes from), available."""
     return [dict(name=b.name, kind=b.kind, description=b.description, license=b.license,
-                 install=b.install, available=b.available()) for b in BUILTINS.values()]
+                 install=b.install, packages=b.packages, available=b.available())
+            for b in BUILTINS.values()]
 
 
 def builtins_listing() -> str:
