@@ -283,9 +283,9 @@ def test_no_logits_sized_allocation(monkeypatch):
     if "cpu" not in HOST:
         pytest.skip("no cpu backend")
     from torch.profiler import ProfilerActivity, profile
-    monkeypatch.setattr(lts, "BUFFER_ELEMENTS", 1 << 22)
-    monkeypatch.setattr(lsg, "BLOCK_ELEMENTS", 1 << 20)
-    n, d, v = 2048, 8, 40000
+    monkeypatch.setattr(lts, "BUFFER_ELEMENTS", 1 << 19)
+    monkeypatch.setattr(lsg, "BLOCK_ELEMENTS", 1 << 19)
+    n, d, v = 512, 8, 40000
     hidden, weight, bias, targets = make_case((n,), d, v, torch.float32, seed=11)
     h, w, b = leaves(hidden, weight, bias)
     logits_bytes = n * v * 4

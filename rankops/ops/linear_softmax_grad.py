@@ -80,9 +80,9 @@ def linear_softmax_grad(h_k: torch.Tensor, weight: torch.Tensor, bias: Optional[
     for start in range(0, n_cols, block_size):
         stop = min(start + block_size, n_cols)
         z = _logits_block(h_k, weight, bias, start, stop, None)    # [n, block], inputs' dtype
-        g = torch.exp(z.to(acc) - lse_k)                            # softmax block, fp32
+        # softmax * scale in place, in fp32 (a new tensor only for 16-bit logits)
+        g = z.to(acc).sub_(lse_k).exp_().mul_(scale_k[:, None])
         del z
-        g.mul_(scale_k[:, None])
         # - scale_i at (i, t_i - start) for the rows whose target is in this block; the others
         # add 0 at column 0. A scatter, not a boolean index: no host sync on a GPU.
         in_block = (t_k >= start) & (t_k < stop)
