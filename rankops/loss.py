@@ -24,6 +24,12 @@ The forward pass is one read of the logits by the fused token_stats kernel (rank
 backward pass is one more read and the write of the gradient (rankops.ops.softmax_grad). The
 per-rank statistics are [V]-long float64 vectors built with scatter-adds: no host sync unless
 validation asks for one.
+
+compensated_linear_cross_entropy is the same loss of the logits hidden @ weight.T + bias,
+never held: rank and logp come from linear_token_stats' block path, and the backward
+(rankops.ops.linear_softmax_grad) recomputes the logits one vocabulary block at a time and
+returns the gradients of hidden, weight and bias. Both share _loss_options (the checks) and
+_loss_and_weights (value, weights, running statistics).
 """
 import math
 from dataclasses import dataclass

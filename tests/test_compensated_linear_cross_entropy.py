@@ -382,7 +382,8 @@ def test_causal_lm_linear_loss_running_and_bad_input():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_with_a_transformers_model(tied):
-    """The documented use: the decoder's last hidden states and lm_head.weight, no logits. The
+    """The documented use: the base model's last hidden states and the output embedding's
+    weight (lm_head.weight), no logits. The
     same loss and parameter gradients as CompensatedCausalLMLoss on the model's logits."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
@@ -395,8 +396,8 @@ def test_with_a_transformers_model(tied):
     labels[1, :5] = -100
 
     model.zero_grad()
-    hidden = model.model(input_ids=ids).last_hidden_state
-    got = CompensatedCausalLMLinearLoss(0.3)(hidden, model.lm_head.weight, labels,
+    hidden = model.base_model(input_ids=ids).last_hidden_state      # model.model, for Llama
+    got = CompensatedCausalLMLinearLoss(0.3)(hidden, model.get_output_embeddings().weight, labels,
                                              vocab_size=config.vocab_size)
     got.backward()
     got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -404,7 +405,7 @@ def test_with_a_transformers_model(tied):
     model.zero_grad()
     want = CompensatedCausalLMLoss(0.3)(model(input_ids=ids).logits, labels)
     want.backward()
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     for name, p in model.named_parameters():
         torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -102,16 +102,19 @@ class CompensatedCausalLMLinearLoss:
     like transformers' causal-LM loss (position j predicts token j + 1), so hidden_states
     [B, T, D] are used as they are. vocab_size drops padded rows of the weight.
 
-    Example, with a transformers causal LM (model.model is the decoder stack, model.lm_head
-    the output layer; generate no logits at all):
+    Example, with a transformers causal LM (Llama, Qwen, Mistral, ...: model.model is the
+    decoder stack with its final norm, model.lm_head the output layer); no logits are made:
         >>> loss_fn = CompensatedCausalLMLinearLoss(lam=0.3)
         >>> hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, D]
         >>> loss = loss_fn(hidden, model.lm_head.weight, labels, vocab_size=model.config.vocab_size)
         >>> loss.backward()       # gradients reach the decoder and lm_head (or the tied embedding)
 
-    (outputs.hidden_states[-1] of model(ids, output_hidden_states=True) is the same tensor, but
-    that call also computes the logits.) Under gradient accumulation pass num_items_in_batch,
-    the kept tokens of all micro-batches, as Trainer does.
+    For any architecture, model.base_model and model.get_output_embeddings().weight name the
+    same two things (GPT-2: transformer, lm_head; Pythia: gpt_neox, embed_out).
+    outputs.hidden_states[-1] of model(ids, output_hidden_states=True) is the same tensor, but
+    that call also computes the logits. Models that transform their logits after the matmul
+    (a logit scale, Gemma 2's final soft-capping) are not this loss. Under gradient
+    accumulation pass num_items_in_batch, the kept tokens of all micro-batches, as Trainer does.
     """
 
     def __init__(self, lam: float, *, weights: str = "batch", decay: float = 0.99,
