@@ -111,7 +111,8 @@ def run_case(dtype_name, n, d, v, rounds):
         ms_ce=round(ms["ce"], 1), ms_baseline=round(ms["baseline"], 1), ms_linear=round(ms["linear"], 1),
         time_ratio_vs_baseline=round(ms["linear"] / ms["baseline"], 3),
         time_ratio_vs_ce=round(ms["linear"] / ms["ce"], 3),
-        logits_mb=round(logits_mb, 1), peak_extra_mb_ce=round(peak["ce"], 1),
+        logits_mb=round(logits_mb, 1), grads_mb=round((n + v) * d * hidden.element_size() / 2 ** 20, 1),
+        peak_extra_mb_ce=round(peak["ce"], 1),
         peak_extra_mb_baseline=round(peak["baseline"], 1), peak_extra_mb_linear=round(peak["linear"], 1),
         memory_ratio_vs_baseline=round(peak["linear"] / peak["baseline"], 4),
         loss_rel_diff=loss_err, grad_rel_diff_hidden=grad_err[0], grad_rel_diff_weight=grad_err[1])
@@ -128,15 +129,19 @@ def run_case(dtype_name, n, d, v, rounds):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("N", "D", "V"), default=None,
+                   help="one shape instead of the default ones")
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 quick, 3 full)")
     p.add_argument("--json", default=RESULTS, help="JSONL file the rows are appended to ('' for none)")
     args = p.parse_args()
     rounds = args.rounds or (5 if args.quick else 3)
-    for n, d, v in QUICK_SHAPES if args.quick else SHAPES:
+    shapes = [tuple(args.shape)] if args.shape else QUICK_SHAPES if args.quick else SHAPES
+    for n, d, v in shapes:
         for dtype_name in args.dtypes:
             row = run_case(dtype_name, n, d, v, rounds)
             row["quick"] = args.quick
+            row["load_average_1min"] = round(os.getloadavg()[0], 1)
             if args.json:
                 os.makedirs(os.path.dirname(args.json), exist_ok=True)
                 with open(args.json, "a") as f:
