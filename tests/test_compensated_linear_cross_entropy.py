@@ -409,3 +409,12 @@ def test_with_a_transformers_model(tied):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     for name, p in model.named_parameters():
         torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_token_ignored_with_sum_is_zero():
+    # No kept row: the loss is 0 and every gradient is zero (the backward has no block to do).
+    hidden, weight, bias, _ = make_case((5,), 4, 9, torch.float32)
+    targets = torch.full((5,), -100)
+    loss, grads = linear_path(hidden, weight, bias, targets, 0.3, reduction="sum")
+    assert float(loss) == 0.0
+    assert all(torch.all(g == 0) and g.dtype == torch.float32 for g in grads)
