@@ -24,6 +24,12 @@ The forward pass is one read of the logits by the fused token_stats kernel (rank
 backward pass is one more read and the write of the gradient (rankops.ops.softmax_grad). The
 per-rank statistics are [V]-long float64 vectors built with scatter-adds: no host sync unless
 validation asks for one.
+
+compensated_linear_cross_entropy is the same loss of the logits hidden @ weight.T + bias,
+never held: rank and logp come from linear_token_stats' block path, and the backward
+(rankops.ops.linear_softmax_grad) recomputes the logits one vocabulary block at a time and
+returns the gradients of hidden, weight and bias. Both share _loss_options (the checks) and
+_loss_and_weights (value, weights, running statistics).
 """
 import math
 from dataclasses import dataclass
@@ -31,7 +37,9 @@ from typing import Optional, Union
 
 import torch
 
-from rankops.ops.common import RowOptions, nonfinite_error, prepare
+from rankops.ops.common import RowOptions, nonfinite_error, prepare, prepare_linear
+from rankops.ops.linear_softmax_grad import default_block, linear_softmax_grad, target_logits
+from rankops.ops.linear_token_stats import linear_token_stats_op
 from rankops.ops.softmax_grad import softmax_grad
 from rankops.ops.token_stats import token_stats_op
 
@@ -195,6 +203,52 @@ def _per_rank(rank, logp, n_cols):
     return count, sum_logp
 
 
+def _loss_and_weights(rank, logp, opt: LossOptions, num_items, running, out_dtype):
+    """The loss from the per-token rank and logp, shared by every compensated loss.
+
+    Returns (loss: 0-d, or per token for reduction "none", in out_dtype; the per-token weights
+    w_i of the backward, float64, 0 on ignored tokens; the divisor of the summed loss, or None).
+    Updates `running` with this batch's per-rank statistics."""
+    keep = rank >= 0
+    count, sum_logp = _per_rank(rank, logp, opt.rows.n_cols)
+    log_q, ratio = rank_ratio(count, sum_logp)           # the batch's own P and Q
+    index = torch.where(keep, rank, 0)
+    logp64 = logp.to(torch.float64)
+    ratio_i = torch.where(keep, ratio[index], 0.0)
+    per_token = torch.where(keep, -logp64 + opt.lam * ratio_i * (logp64 - log_q[index]), 0.0)
+    if running is not None:
+        running.update(count, sum_logp)
+        _, ratio = rank_ratio(running.count, running.sum_logp)
+        ratio_i = torch.where(keep, ratio[index], 0.0)
+    weight = 1.0 - opt.lam * ratio_i
+    if opt.min_weight is not None:
+        weight = weight.clamp_min(opt.min_weight)
+    weight = torch.where(keep, weight, 0.0)
+    if opt.reduction == "none":
+        return per_token.to(out_dtype), weight, None
+    denom = num_items if num_items is not None else (keep.sum() if opt.reduction == "mean" else None)
+    total = per_token.sum()
+    return (total if denom is None else total / denom).to(out_dtype), weight, denom
+
+
+def _loss_options(lam, reduction, num_items_in_batch, min_weight, running, targets, rows: RowOptions):
+    """The option checks of every compensated loss, after its tensors' own (prepare or
+    prepare_linear): returns (LossOptions, num_items_in_batch as given or as a 0-d float64
+    tensor on the targets' device)."""
+    _check_options(lam, reduction, num_items_in_batch, min_weight, running, rows.n_cols)
+    ignore_index = rows.ignore_index
+    if rows.validate and reduction == "mean" and num_items_in_batch is None \
+            and not bool((targets != ignore_index).any()):
+        raise ValueError(f"targets: every token equals ignore_index={ignore_index}, so the mean "
+                         "loss is undefined; pass num_items_in_batch or reduction='sum'")
+    num_items = num_items_in_batch
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(device=targets.device, dtype=torch.float64).reshape(())
+        if rows.validate and not bool(num_items >= 1):  # a sync, as every validation on a GPU
+            raise ValueError(f"num_items_in_batch must be >= 1, got {num_items.item()}")
+    return LossOptions(float(lam), reduction, min_weight, rows), num_items
+
+
 class _CompensatedCrossEntropy(torch.autograd.Function):
     """Forward: the loss from the fused kernel. Backward: one weighted softmax-gradient pass.
 
@@ -209,29 +263,8 @@ class _CompensatedCrossEntropy(torch.autograd.Function):
             bad_row = int(first_bad)
             if bad_row >= 0:
                 raise nonfinite_error(bad_row, targets.shape)
-        keep = rank >= 0
-        count, sum_logp = _per_rank(rank, logp, rows.n_cols)
-        log_q, ratio = rank_ratio(count, sum_logp)           # the batch's own P and Q
-        index = torch.where(keep, rank, 0)
-        logp64 = logp.to(torch.float64)
-        ratio_i = torch.where(keep, ratio[index], 0.0)
-        per_token = torch.where(keep, -logp64 + opt.lam * ratio_i * (logp64 - log_q[index]), 0.0)
-        if running is not None:
-            running.update(count, sum_logp)
-            _, ratio = rank_ratio(running.count, running.sum_logp)
-            ratio_i = torch.where(keep, ratio[index], 0.0)
-        weight = 1.0 - opt.lam * ratio_i
-        if opt.min_weight is not None:
-            weight = weight.clamp_min(opt.min_weight)
-        weight = torch.where(keep, weight, 0.0)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        if opt.reduction == "none":
-            loss = per_token.to(out_dtype)
-            denom = None
-        else:
-            denom = num_items if num_items is not None else (keep.sum() if opt.reduction == "mean" else None)
-            total = per_token.sum()
-            loss = (total if denom is None else total / denom).to(out_dtype)
+        loss, weight, denom = _loss_and_weights(rank, logp, opt, num_items, running, out_dtype)
         ctx.save_for_backward(logits, targets, lse, weight)
         ctx.denom = denom
         ctx.rows = rows
@@ -287,18 +320,107 @@ def compensated_cross_entropy(
     """
     targets, rows = prepare(logits, targets, ignore_index=ignore_index, vocab_size=vocab_size,
                             backend=backend, check_finite=check_finite, validate=validate)
-    _check_options(lam, reduction, num_items_in_batch, min_weight, running, rows.n_cols)
-    if validate and reduction == "mean" and num_items_in_batch is None \
-            and not bool((targets != ignore_index).any()):
-        raise ValueError(f"targets: every token equals ignore_index={ignore_index}, so the mean "
-                         "loss is undefined; pass num_items_in_batch or reduction='sum'")
-    num_items = num_items_in_batch
-    if isinstance(num_items, torch.Tensor):
-        num_items = num_items.to(device=logits.device, dtype=torch.float64).reshape(())
-        if validate and not bool(num_items >= 1):  # a sync, as every validation on a GPU
-            raise ValueError(f"num_items_in_batch must be >= 1, got {num_items.item()}")
-    opt = LossOptions(float(lam), reduction, min_weight, rows)
+    opt, num_items = _loss_options(lam, reduction, num_items_in_batch, min_weight, running, targets, rows)
     return _CompensatedCrossEntropy.apply(logits, targets, opt, num_items, running)
+
+
+class _CompensatedLinearCrossEntropy(torch.autograd.Function):
+    """The compensated loss of the logits hidden @ weight.T + bias, never held whole.
+
+    Forward: rank and logp from linear_token_stats' block path, the loss as
+    compensated_cross_entropy's, and each kept row's logsumexp as lse = z_t - logp (z_t from an
+    [n, D] gather of the target rows). Backward: rankops.ops.linear_softmax_grad, block by block.
+    Saved for backward: hidden, weight, bias (as autograd already holds them), and four [n_kept]
+    vectors (row index, target, lse, weight)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opt: LossOptions, num_items, running, blocks):
+        rows = opt.rows
+        forward_block, backward_block = blocks
+        rank, _, logp, first_bad = linear_token_stats_op(hidden, weight, bias, targets, rows.ignore_index,
+                                                         rows.n_cols, forward_block, rows.backend)
+        if rows.check_finite:
+            bad_row = int(first_bad)
+            if bad_row >= 0:
+                raise nonfinite_error(bad_row, targets.shape)
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        loss, weight_i, denom = _loss_and_weights(rank, logp, opt, num_items, running, out_dtype)
+        # The backward works on the kept rows only (a host sync, as the block path's own).
+        kept = torch.nonzero(rank.reshape(-1) >= 0).squeeze(1)
+        h_k = hidden.reshape(-1, hidden.shape[-1])[kept]
+        t_k = targets.reshape(-1)[kept]
+        lse_k = target_logits(h_k, weight, bias, t_k) - logp.reshape(-1)[kept]
+        ctx.save_for_backward(hidden, weight, bias, kept, t_k, lse_k, weight_i.reshape(-1)[kept])
+        ctx.denom, ctx.n_cols, ctx.backward_block = denom, rows.n_cols, backward_block
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, kept, t_k, lse_k, weight_k = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_loss = grad_loss.to(torch.float64)  # 0-d, or per token for "none"
+        scale = weight_k * (grad_loss.reshape(-1)[kept] if grad_loss.dim() else grad_loss)
+        if ctx.denom is not None:
+            scale = scale / ctx.denom
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        block = ctx.backward_block or default_block(kept.numel(), ctx.n_cols)
+        grad_h_k, grad_weight, grad_bias = linear_softmax_grad(
+            flat[kept], weight, bias, t_k, lse_k, scale, ctx.n_cols, block,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        grad_hidden = None
+        if need_hidden:  # ignored rows get zero
+            grad_hidden = torch.zeros(flat.shape, dtype=hidden.dtype, device=hidden.device)
+            grad_hidden.index_copy_(0, kept, grad_h_k.to(hidden.dtype))
+            grad_hidden = grad_hidden.view(hidden.shape)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def compensated_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lam: float, *,
+    bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+    vocab_size: Optional[int] = None, num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    running: Optional[RunningRankStats] = None, min_weight: Optional[float] = None,
+    backend: str = "auto", check_finite: bool = True, validate: bool = True,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """compensated_cross_entropy of the output layer's logits, F.linear(hidden, weight, bias)
+    [..., :vocab_size], without ever holding them: memory O(N * block + V * D), not O(N * V).
+
+    The same loss, options and gradient as compensated_cross_entropy on those logits, with
+    gradients for hidden, weight and bias (each in its own dtype; padded weight rows beyond
+    vocab_size and ignored tokens get zero). lam = 0 is F.cross_entropy(F.linear(...)).
+
+    Args:
+        hidden: [..., D] the output layer's input (float32, bfloat16, float16; float64 on
+            backend "torch").
+        weight: [V, D] its weight (tied or not: autograd adds the embedding's gradient), and
+            bias an optional [V], both in hidden's dtype.
+        targets, lam, ignore_index, reduction, vocab_size, num_items_in_batch, running,
+            min_weight, check_finite, validate: as compensated_cross_entropy.
+        backend: the forward's, as linear_token_stats ("auto", "cpu", "torch"). The backward
+            is torch matmuls block by block on any device.
+        block_size: vocabulary rows per block, forward and backward (on backend "cpu" a
+            multiple of 16384). Default: linear_token_stats' for the forward; for the backward
+            about 2^24 / (kept tokens) rows, at least 256.
+
+    rank and logp are linear_token_stats', exact for the logits this path computes. The
+    backward recomputes each block of logits for the kept rows, in the inputs' dtype, and
+    forms the softmax in fp32 with each row's logsumexp from the forward (recovered as
+    z_t - logp; z_t can differ from the block's own in the last bit). Not sync-free: the kept
+    rows are gathered with a host sync.
+
+    Example:
+        >>> hidden = model.model(input_ids).last_hidden_state[:, :-1]      # [B, T-1, D]
+        >>> loss = rankops.compensated_linear_cross_entropy(
+        ...     hidden, model.lm_head.weight, input_ids[:, 1:], lam=0.3)
+        >>> loss.backward()
+    """
+    targets, rows, forward_block = prepare_linear(
+        hidden, weight, targets, bias, ignore_index=ignore_index, vocab_size=vocab_size,
+        backend=backend, check_finite=check_finite, validate=validate, block_size=block_size)
+    opt, num_items = _loss_options(lam, reduction, num_items_in_batch, min_weight, running, targets, rows)
+    return _CompensatedLinearCrossEntropy.apply(hidden, weight, bias, targets, opt, num_items, running,
+                                                (forward_block, block_size))
 
 
 class CompensatedCrossEntropy(torch.nn.Module):

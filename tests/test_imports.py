@@ -148,3 +148,13 @@ def test_the_check_sees_cycles(tmp_path):
         (["rankops.a", "rankops.c", "rankops.sub.b"], ["rankops.a", "rankops.sub.b", "rankops.c", "rankops.a"]),
         (["rankops.e", "rankops.f"], ["rankops.e", "rankops.f", "rankops.e"]),
     ]
+
+
+def test_public_names():
+    # Every name rankops exports exists, and the list is sorted (new names go in their place).
+    missing = [name for name in rankops.__all__ if not hasattr(rankops, name)]
+    assert not missing, f"rankops.__all__ names what rankops does not have: {missing}"
+    assert rankops.__all__ == sorted(rankops.__all__)
+    for name in ("compensated_cross_entropy", "compensated_linear_cross_entropy",
+                 "CompensatedCausalLMLoss", "CompensatedCausalLMLinearLoss", "linear_token_stats"):
+        assert name in rankops.__all__
