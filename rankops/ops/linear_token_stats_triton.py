@@ -208,6 +208,9 @@ def launch(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tens
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
     bad = torch.empty(n_rows, dtype=torch.int32, device=device)
     n_splits = triton.cdiv(n_cols, split_cols)
+    if n_splits > 65535:  # a CUDA grid's second dimension
+        raise ValueError(f"block_size={split_cols} cuts {n_cols} columns into {n_splits} programs "
+                         "per row block, over the 65535 a launch allows; use a larger block_size")
     target_logit = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=device)
     part_max = torch.empty(n_rows * n_splits, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
