@@ -421,3 +421,24 @@ def test_cpu_more_than_2_31_logits():
     assert (got.rank[~kept] == -1).all()
     # fp32 logsumexp of 65541 terms against float64: relative error of the sum well under 1e-5.
     torch.testing.assert_close(got.logp[kept].double(), logp[kept], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_on_gpu_beyond_2_31(dtype):
+    """On a GPU, the compiled kernel (tensor cores for 16-bit inputs): N * V > 2^31 logits with
+    integer inputs (|logit| <= 16 + 1, exact in every dtype and any summation order), checked
+    against token_stats on F.linear a chunk of rows at a time; "auto" picks it for CUDA tensors."""
+    n, d, v = 2 ** 15 + 3, 16, 2 ** 16 + 5
+    g = torch.Generator(device="cuda").manual_seed(27)
+    hidden = torch.randint(-1, 2, (n, d), generator=g, device="cuda").to(dtype)
+    weight = torch.randint(-1, 2, (v, d), generator=g, device="cuda").to(dtype)
+    bias = torch.randint(-1, 2, (v,), generator=g, device="cuda").to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g, device="cuda")
+    targets[-3:] = torch.tensor([0, v - 1, -100])
+    got = rankops.linear_token_stats(hidden, weight, targets, bias=bias)
+    for c0 in range(0, n, 4096):
+        rows = slice(c0, min(c0 + 4096, n))
+        want = rankops.token_stats(F.linear(hidden[rows], weight, bias), targets[rows])
+        assert torch.equal(got.rank[rows], want.rank) and torch.equal(got.ties[rows], want.ties)
+        torch.testing.assert_close(got.logp[rows], want.logp, rtol=LOGP_RTOL, atol=LOGP_ATOL)
