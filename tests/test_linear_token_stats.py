@@ -442,3 +442,52 @@ def test_triton_on_gpu_beyond_2_31(dtype):
         want = rankops.token_stats(F.linear(hidden[rows], weight, bias), targets[rows])
         assert torch.equal(got.rank[rows], want.rank) and torch.equal(got.ties[rows], want.ties)
         torch.testing.assert_close(got.logp[rows], want.logp, rtol=LOGP_RTOL, atol=LOGP_ATOL)
+
+
+COMPILE_FOR_GPU = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rankops.ops import linear_token_stats_triton as m
+
+def compile_kernel(fn, types, const, **options):
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in const else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
+
+ints = {"targets_ptr": "*i64", "part_gt_ptr": "*i64", "part_eq_ptr": "*i64", "part_bad_ptr": "*i32"}
+for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+    block_m, block_k, warps, stages = m.TILES[size]
+    types = dict(ints, hidden_ptr="*" + dtype, weight_ptr="*" + dtype, bias_ptr="*" + dtype)
+    const = dict(HAS_BIAS=True, ROUND={"bf16": 1, "fp16": 2, "fp32": 0}[dtype], UPCAST=False,
+                 BF16_BITS=False, INPUT_PRECISION="ieee" if dtype == "fp32" else None,
+                 BLOCK_M=block_m, BLOCK_N=m.BLOCK_N, BLOCK_K=block_k)
+    k = compile_kernel(m._tiles_kernel, types, const, num_warps=warps, num_stages=stages)
+    ptx = k.asm["ptx"]
+    # 16-bit inputs on tensor cores (wgmma on sm_90); fp32 "ieee" never as tf32.
+    assert ("wgmma" in ptx) == (size == 2) and "tf32" not in ptx, dtype
+types = dict(ints, rank_ptr="*i64", ties_ptr="*i64", bad_ptr="*i32", ignore_index="i64")
+compile_kernel(m._finish_kernel, types, dict(BLOCK_R=128), num_warps=4)
+print("compiled")
+'''
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels themselves")
+def test_triton_kernels_compile_for_a_gpu():
+    """The interpreter accepts code a GPU compiler refuses (a non-constexpr global, say): compile
+    both kernels ahead of time for sm_90 with Triton's own ptxas, every dtype, without a GPU."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("Triton's ptxas is not installed here")
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
