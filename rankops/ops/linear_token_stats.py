@@ -15,6 +15,12 @@ order and finished exactly as cpu token_stats finishes a row. Blocks start at mu
 slice width, so logp is bit for bit that of rankops.token_stats(backend="cpu") on the same
 logits. Extra memory: one [rows_per_chunk, block_size] logits buffer and O(N) per-row values.
 
+Triton backend (linear_token_stats_triton.py; "auto" on CUDA tensors): one fused kernel, logit
+tiles by tl.dot folded into per-row partials and never written, run twice as one compiled
+binary over identical tiles (pass 0: logsumexp and z_t from the tile holding the target;
+pass 1: the counts against z_t). Extra memory O(N * V / block_size), block_size columns per
+program.
+
 Torch backend (the reference): the same block matmuls fill [rows, V] logits for a chunk of rows
 at a time, given to rankops.token_stats' reference; O(rows_per_chunk * V) memory.
 
