@@ -187,7 +187,9 @@ def first_flagged_row(flags: torch.Tensor) -> torch.Tensor:
 
 
 # The fused output layer (rankops/ops/linear_token_stats.py): no logits tensor, so its own checks.
-LINEAR_BACKENDS = ("auto", "cpu", "torch")
+LINEAR_BACKENDS = ("auto", "triton", "cpu", "torch")
+TRITON_LINEAR_SPLIT = 16384  # the triton backend's default block_size (columns per program)
+TRITON_LINEAR_TILE = 128     # ... and what its block_size must be a multiple of (BLOCK_N)
 
 
 def _check_linear_tensors(hidden, weight, targets, bias) -> None:
@@ -231,14 +233,18 @@ def _check_linear_tensors(hidden, weight, targets, bias) -> None:
 
 
 def _resolve_linear_backend(backend, hidden) -> str:
-    if backend in ("cuda", "triton"):
-        raise ValueError(f"linear_token_stats has no {backend!r} backend yet (issue 14); use "
-                         "backend='cpu' (CPU tensors) or 'torch'")
+    if backend == "cuda":
+        raise ValueError("linear_token_stats has no 'cuda' backend (issue 14); use "
+                         "backend='triton' (CUDA tensors), 'cpu' (CPU tensors) or 'torch'")
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        usable = hidden.device.type == "cpu" and _ext.has_cpu_kernel() and hidden.dtype in KERNEL_DTYPES
-        return "cpu" if usable else "torch"
+        if hidden.dtype not in KERNEL_DTYPES:
+            return "torch"
+        if hidden.device.type == "cuda":
+            # The fused Triton kernel wherever Triton can run on the GPU; else the reference.
+            return "triton" if _triton_usable() else "torch"
+        return "cpu" if _ext.has_cpu_kernel() else "torch"
     return resolve_backend(backend, torch.empty(0, 1, dtype=hidden.dtype, device=hidden.device))
 
 
@@ -264,12 +270,15 @@ def prepare_linear(hidden, weight, targets, bias, *, ignore_index: int, vocab_si
     backend = _resolve_linear_backend(backend, hidden)
     slice_cols = _ext.cpu_slice_cols() if _ext.has_cpu_kernel() else 16384
     if block_size is None:
-        block_size = 2 * slice_cols
+        block_size = TRITON_LINEAR_SPLIT if backend == "triton" else 2 * slice_cols
     elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     elif backend == "cpu" and block_size % slice_cols:
         raise ValueError(f"block_size must be a multiple of {slice_cols} on backend 'cpu' (the "
                          f"kernel's slice width, so that logp is the kernel's), got {block_size}")
+    elif backend == "triton" and block_size % TRITON_LINEAR_TILE:
+        raise ValueError(f"block_size must be a multiple of {TRITON_LINEAR_TILE} on backend 'triton' "
+                         f"(its tile width, so that no tile straddles two programs), got {block_size}")
     targets = targets.to(torch.int64).contiguous()
     if validate:
         check_target_range(targets, ignore_index, n_cols)

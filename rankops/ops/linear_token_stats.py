@@ -15,6 +15,12 @@ order and finished exactly as cpu token_stats finishes a row. Blocks start at mu
 slice width, so logp is bit for bit that of rankops.token_stats(backend="cpu") on the same
 logits. Extra memory: one [rows_per_chunk, block_size] logits buffer and O(N) per-row values.
 
+Triton backend (linear_token_stats_triton.py; "auto" on CUDA tensors): one fused kernel, logit
+tiles by tl.dot folded into per-row partials and never written, run twice as one compiled
+binary over identical tiles (pass 0: logsumexp and z_t from the tile holding the target;
+pass 1: the counts against z_t). Extra memory O(N * V / block_size), block_size columns per
+program.
+
 Torch backend (the reference): the same block matmuls fill [rows, V] logits for a chunk of rows
 at a time, given to rankops.token_stats' reference; O(rows_per_chunk * V) memory.
 
@@ -50,11 +56,14 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         targets: integer tensor of hidden's leading shape; ignore_index marks tokens to drop.
         bias: optional [V], hidden's dtype.
         vocab_size: count only the first vocab_size rows of weight (padded output layers).
-        backend: "auto" ("cpu" for CPU tensors, else "torch"), "cpu" (the C++ kernel, block by
-            block) or "torch" (the reference). No "triton" or "cuda" backend yet.
+        backend: "auto" ("triton" for CUDA tensors when Triton is importable, "cpu" for CPU
+            tensors, else "torch"), "triton" (one fused kernel: logit tiles by tl.dot, folded
+            into per-row statistics, never written), "cpu" (the C++ kernel, block by block) or
+            "torch" (the reference). No "cuda" backend.
         check_finite, validate, ignore_index: as in rankops.token_stats.
         block_size: vocabulary rows per matmul; a multiple of 16384 on backend "cpu" (the
-            kernel's slice width), default 32768.
+            kernel's slice width), default 32768. On backend "triton", vocabulary columns per
+            program: a multiple of 128, default 16384.
 
     rank and ties are exact with respect to the logits this path computes; where every product
     is exact (integer-valued inputs, say) they equal rankops.token_stats on
@@ -110,6 +119,11 @@ def launch(hidden, weight, bias, targets, ignore_index, n_cols, block_size, back
     t = targets.reshape(-1)                   # [N]
     # Rows whose target is out of range (only with validate=False) are ignored rows.
     keep = (t != ignore_index) & (t >= 0) & (t < n_cols)
+    if backend == "triton":
+        from rankops.ops import linear_token_stats_triton
+        rank, ties, logp, flags = linear_token_stats_triton.launch(h, weight, bias, t, ignore_index,
+                                                                   n_cols, block_size)
+        return rank, ties, logp, first_flagged_row(flags)
     if backend == "cpu":
         return _cpu(h, weight, bias, t, keep, n_cols, block_size)
     if backend == "torch":

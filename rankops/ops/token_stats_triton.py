@@ -36,9 +36,9 @@ def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
 
 # What a slice saw, as bits (or-reduced): the end of a row needs them to follow docs/DESIGN.md,
 # logsumexp = NaN if any value is NaN, else +inf if any is +inf, else -inf if all are -inf.
-SAW_NAN: tl.constexpr = 1
-SAW_POS_INF: tl.constexpr = 2
-SAW_NEG_INF: tl.constexpr = 4
+SAW_NAN = tl.constexpr(1)
+SAW_POS_INF = tl.constexpr(2)
+SAW_NEG_INF = tl.constexpr(4)
 
 
 @triton.jit
