@@ -106,7 +106,8 @@ def eval_args(model_folder, tmp_path, *extra):
     (["--model", "no-such-builtin"], "neither an existing path"),
     (["--model", "missing.gguf"], "model file missing.gguf does not exist"),
     (["--corpus", "no-such-corpus"], "unknown corpus 'no-such-corpus'"),
-    (["--stride", "9", "--context-length", "8"], "--stride 9 is longer than --context-length 8"),
+    (["--stride", "9", "--context-length", "8"], "--stride 9 must be shorter than --context-length 8"),
+    (["--stride", "8", "--context-length", "8"], "--stride 8 must be shorter than --context-length 8"),
     (["--stride", "4", "--lm-eval-windows"], "--stride does not apply"),
     (["--step", "1", "--step", "2"], "--step was given 2 times for 1 models"),
 ])

@@ -18,7 +18,7 @@ import rankops
 from rankops.eval.corpora import Corpus
 from rankops.eval.models import ModelError, count_parameters, load_model, step_from_name
 from rankops.eval.run import EvalError, evaluate
-from rankops.eval.windows import Protocol, plan_windows
+from rankops.eval.windows import Protocol, plan_windows, select_documents
 
 WORDS = ("the of and to a in that is was he for it with as his on be at by had not are but from "
          "or have an they which one you were her all she there would their we him been has when who "
@@ -124,6 +124,32 @@ def test_disjoint_windows_score_every_token_but_window_starts(tokenizer, corpus)
         expected += n - 1
         assert n_windows >= 1
     assert plan.n_scored_tokens == expected
+
+
+@pytest.mark.parametrize("stride", [1, 5, 14, 15])
+def test_strided_windows_score_each_label_once(tokenizer, corpus, stride):
+    """Every label of every document is scored exactly once, from a window holding it."""
+    protocol = Protocol(context_length=16, stride=stride, max_tokens=None, n_documents=3)
+    plan = plan_windows(corpus.documents, tokenizer, protocol, 16)
+    scored = []  # (label position in the token stream, token id), window after window
+    for w in plan.windows:
+        assert len(w.tokens) <= 16
+        scored += list(w.tokens[w.first_scored + 1:w.first_scored + 1 + w.n_scored])
+    docs = select_documents(corpus.documents, 3, protocol.seed)
+    want = []
+    for doc in docs:
+        ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"]
+        want += ids[1:] if len(ids) >= 2 else []
+    assert scored == want
+
+
+@pytest.mark.parametrize("stride", [16, 17])
+def test_a_stride_as_long_as_the_context_is_refused(tokenizer, corpus, stride):
+    # A window of 16 tokens predicts 15 labels: a stride of 16 would skip one token per window.
+    with pytest.raises(ValueError, match="stride"):
+        Protocol(context_length=16, stride=stride)
+    with pytest.raises(ValueError, match="shorter than the context length 16"):
+        plan_windows(corpus.documents, tokenizer, Protocol(stride=stride), 16)
 
 
 def test_token_budget_is_exact(tokenizer, corpus):

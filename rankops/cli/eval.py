@@ -85,7 +85,7 @@ def add_parser(sub) -> None:
     e.add_argument("--context-length", type=_positive_int, default=None, metavar="TOKENS",
                    help="window length (default: the model's)")
     e.add_argument("--stride", type=_positive_int, default=None, metavar="TOKENS",
-                   help="sliding windows with this stride (default: windows overlapping by one token, "
+                   help="sliding windows with this stride, shorter than the context length (default: windows overlapping by one token, "
                         "each scoring all its tokens but the first)")
     e.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
     e.add_argument("--lm-eval-windows", action="store_true",
@@ -152,8 +152,9 @@ def _preflight(args, device: str):
         return "--stride does not apply to --lm-eval-windows (lm-eval's rolling windows are disjoint)"
     if args.context_length is not None and args.context_length < 2:
         return f"--context-length must be at least 2, got {args.context_length}"
-    if args.stride is not None and args.context_length is not None and args.stride > args.context_length:
-        return f"--stride {args.stride} is longer than --context-length {args.context_length}"
+    if args.stride is not None and args.context_length is not None and args.stride >= args.context_length:
+        return (f"--stride {args.stride} must be shorter than --context-length {args.context_length} "
+                "(a window of C tokens predicts C - 1 labels)")
     return _output_problem(args.output_path)
 
 

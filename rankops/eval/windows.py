@@ -53,8 +53,11 @@ class Protocol:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
-        if self.stride is not None and not (1 <= self.stride <= (self.context_length or self.stride)):
-            raise ValueError(f"stride must be in [1, context_length], got {self.stride}")
+        # A window of C tokens predicts C - 1 labels: a stride of C would leave one token per
+        # window unscored.
+        if self.stride is not None and not (1 <= self.stride < (self.context_length or self.stride + 1)):
+            raise ValueError(f"stride must be in [1, context_length - 1], got {self.stride}"
+                             + (f" with context_length {self.context_length}" if self.context_length else ""))
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.lm_eval_windows and self.stride is not None:
@@ -104,6 +107,10 @@ def plan_windows(documents: Sequence[str], tokenizer, protocol: Protocol, contex
     selected = select_documents(documents, protocol.n_documents, protocol.seed)
     bos = tokenizer.bos_token_id if protocol.add_bos else None
     stride = protocol.stride or context_length
+    if protocol.stride is not None and protocol.stride >= context_length:
+        raise ValueError(f"stride must be shorter than the context length {context_length} (a window of "
+                         f"C tokens predicts C - 1 labels; a stride of {protocol.stride} would leave tokens "
+                         "unscored)")
     windows, skipped, budget = [], 0, protocol.max_tokens
     n_scored_total = 0
     for text in selected:
