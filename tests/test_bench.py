@@ -114,6 +114,16 @@ def test_arguments_that_cannot_run_here_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0", "--v", "100"], "needs N >= 1 rows"),
+    (["--json", "/nonexistent-folder/rows.jsonl"], "--json: the folder"),
+])
+def test_bad_cases_and_paths_exit_2_before_anything_runs(argv, message, capsys):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "FAIL" not in err
+
+
 def test_the_default_cases_are_the_quick_ones():
     args = build_parser().parse_args(["bench", "--device", "cpu"])
     opts = bench.options_from_args(args, "quick")

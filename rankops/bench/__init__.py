@@ -40,6 +40,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -85,7 +86,7 @@ BASELINES = ("read_amax", "read_triton", "read_sum", "copy", "torch", "torch_com
 DEFAULT_BASELINES = {"cpu": ("read_amax", "read_sum", "torch"), "cuda": BASELINES}
 ON_DEVICE = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}   # triton on a CPU: interpreted
 REFERENCE_MAX_ELEMENTS = 2 ** 31  # the eager reference baseline materialises several [N, V] temporaries
-CHUNK_ELEMENTS = 2 ** 26          # the checks' reference and float64 truth go in row chunks of this size
+CHUNK_ELEMENTS = 2 ** 24          # the checks' reference and float64 truth go in row chunks of this size
 SYNC_FREE = dict(check_finite=False, validate=False)
 
 
@@ -568,6 +569,11 @@ def options_from_args(args, profile: str) -> BenchOptions:
         shapes = list(prof.cuda_shapes)
     else:
         shapes = [(n, v) for v in (args.v or prof.cpu_v) for n in (args.n or prof.cpu_n)]
+    for n, v in shapes:
+        if n < 1 or v < 2:
+            raise ValueError(f"--shapes/--n/--v: a case needs N >= 1 rows and V >= 2 columns, got {n}x{v}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json: the folder of {args.json} does not exist")
     available = rankops.available_backends()
     if args.backends is None:
         backends = [b for b in available if b in ON_DEVICE[device] and not (device == "cpu" and b == "triton")]
