@@ -540,15 +540,17 @@ def add_arguments(p: argparse.ArgumentParser, profile: str) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda where there is a GPU, else cpu")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="rankops backends to check and time (default: every available one on the device "
-                        "but torch, the reference; triton on a CPU needs TRITON_INTERPRET=1 and is slow)")
+                   help="rankops backends to check and time (default: every available one on the device, "
+                        "but not torch, the reference, nor triton on a CPU, where it runs only under "
+                        "TRITON_INTERPRET=1, slowly); naming torch times the reference")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="NxV",
                    help=f"the cases (default on a CPU: {shapes_cpu}; on a GPU: {shapes_cuda})")
     p.add_argument("--n", nargs="+", type=int, default=None, help="rows (tokens), with every --v")
     p.add_argument("--v", nargs="+", type=int, default=None, help="vocabulary sizes, with every --n")
-    p.add_argument("--baselines", nargs="+", default=None, choices=BASELINES + ("all",),
-                   help=f"default on a CPU: {' '.join(DEFAULT_BASELINES['cpu'])}; on a GPU: all")
+    p.add_argument("--baselines", nargs="+", default=None, choices=BASELINES + ("all",), metavar="NAME",
+                   help=f"{', '.join(BASELINES)} or all (default on a CPU: "
+                        f"{' '.join(DEFAULT_BASELINES['cpu'])}; on a GPU: all)")
     p.add_argument("--no-accumulate", action="store_true", help="do not check or time RankAccumulator.update")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile's backend for the compiled baselines (eager: a quick dry run)")
