@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import rankops
-from bench_token_stats import DTYPES, _fmt, environment, l2_flush, time_interleaved
+from rankops.bench import DTYPES, environment, l2_flush, time_interleaved
+from rankops.bench import fmt as _fmt
 
 LAM = 0.3
 DEFAULTS = {"cpu": ([2048], [50304, 128256]), "cuda": ([4096, 16384], [50304, 128256, 151936])}

@@ -19,10 +19,8 @@ import rankops
 from rankops.eval.corpora import load_corpus
 from rankops.eval.models import load_model
 from rankops.eval.run import batches
+from rankops.bench import environment
 from rankops.eval.windows import Protocol, collate, plan_windows
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_token_stats import environment  # noqa: E402
 
 
 def sync(device):

@@ -6,6 +6,7 @@
     rankops lm-eval    lm-evaluation-harness with the hf-rankops model    (rankops.cli.lm_eval)
     rankops corpora    the built-in corpora                               (rankops.cli.corpora)
     rankops selfcheck  this installation against the known-answer case   (rankops.cli.selfcheck)
+    rankops bench      the kernels checked, then timed against baselines (rankops.cli.bench)
 
 Each command module has `add_parser(subparsers)` and `run(args) -> exit status`; heavy imports
 (torch, transformers, lm-eval) happen inside `run`, so `rankops --help` stays fast.
@@ -13,10 +14,10 @@ Each command module has `add_parser(subparsers)` and `run(args) -> exit status`;
 import argparse
 import sys
 
-from rankops.cli import corpora, eval, extras, fit, lm_eval, plot, selfcheck
+from rankops.cli import bench, corpora, eval, extras, fit, lm_eval, plot, selfcheck
 
 COMMANDS = {"eval": eval, "fit": fit, "plot": plot, "lm-eval": lm_eval, "corpora": corpora,
-            "selfcheck": selfcheck}
+            "selfcheck": selfcheck, "bench": bench}
 
 
 def version_text() -> str:

@@ -16,6 +16,18 @@ from rankops.ops import reference
 from rankops.ops.common import first_flagged_row, nonfinite_error, prepare
 
 
+# Other rank conventions, for comparing with tools that count differently (docs/DESIGN.md,
+# "Rank conventions"): name -> (add ties?, offset), applied to kept tokens only.
+RANK_CONVENTIONS = {
+    "paper": (False, 0),         # 0-based, strictly greater: rankops' own rank (the paper's RBE)
+    "pessimistic": (True, 0),    # 0-based, greater or equal: every tied competitor ranks first
+    "one_based": (False, 1),     # 1-based, strictly greater
+    "one_based_ge": (True, 1),   # 1-based, greater or equal: the target counts itself
+    "vllm": (True, 1),           # vLLM's V1 engine: count of logprobs >= the target's (see DESIGN)
+    "vllm_v0": (False, 1),       # vLLM's V0 engine: 1 + count of logprobs > the target's
+}
+
+
 class TokenStats(NamedTuple):
     """Per-token statistics, each of the targets' shape.
 
@@ -25,6 +37,26 @@ class TokenStats(NamedTuple):
     rank: torch.Tensor
     ties: torch.Tensor
     logp: torch.Tensor
+
+    def rank_as(self, convention: str) -> torch.Tensor:
+        """The rank in another convention (RANK_CONVENTIONS), -1 where ignored.
+
+        "paper" is `rank`; "pessimistic" `rank + ties`; "one_based" (= "vllm_v0") `rank + 1`;
+        "one_based_ge" (= "vllm") `rank + ties + 1`. These are exact on the logits. Serving
+        engines count on fp32 log-probabilities instead, where two different logits can round
+        to one value: their >= count can exceed `rank + ties + 1` and their > count fall below
+        `rank` + 1 there (docs/DESIGN.md, "Rank conventions").
+
+        Example:
+            >>> s = rankops.token_stats(torch.tensor([[3.0, 1.0, 3.0, 5.0]]), torch.tensor([0]))
+            >>> [s.rank_as(c).item() for c in ("paper", "pessimistic", "one_based", "vllm")]
+            [1, 2, 2, 3]
+        """
+        if convention not in RANK_CONVENTIONS:
+            raise ValueError(f"convention must be one of {sorted(RANK_CONVENTIONS)}, got {convention!r}")
+        with_ties, offset = RANK_CONVENTIONS[convention]
+        shifted = self.rank + (self.ties if with_ties else 0) + offset
+        return torch.where(self.rank >= 0, shifted, self.rank)
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,

@@ -1,0 +1,142 @@
+"""`rankops bench` (rankops.bench): checks before it times, the table, the JSON rows, and a loud
+failure, not a timing, when a backend is wrong."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankops
+from rankops import _ext, bench
+from rankops.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--shapes", "3x700", "--dtypes", "fp32", "--repeat", "1"]
+# What bench/gpu_summary.py and the recorded rows read: every row keeps these.
+ROW_FIELDS = {"date", "torch", "rankops", "python", "machine", "processor", "threads", "op", "backend",
+              "role", "device", "dtype", "N", "V", "ms", "bytes", "gbps", "read_baseline", "baseline_gbps",
+              "bw_frac", "copy_gbps", "speedup_vs_torch", "speedup_vs_compiled", "speedup_vs_ce_compiled",
+              "speedup_vs_liger", "speedup_vs_serving_rank", "acc_over_token_stats", "peak_extra_mb",
+              "checked", "repeat", "timing", "sync_free"}
+
+
+@pytest.fixture
+def interpreted_triton():
+    if "triton" not in rankops.available_backends():
+        pytest.skip("triton is not available (needs TRITON_INTERPRET=1 on a CPU)")
+
+
+def test_bench_checks_times_and_writes_rows(interpreted_triton, tmp_path, capsys):
+    rows_path = tmp_path / "rows.jsonl"
+    status = main(["bench", "--device", "cpu", "--backends", "cpu", "torch", "triton", *TINY,
+                   "--json", str(rows_path)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "[1/1] fp32 3x700: checked cpu (logp error" in out and "triton (logp error" in out
+    assert "ranks and ties exact" in out
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    names = [r["backend"] for r in rows]
+    assert sorted(names) == sorted(["read_amax", "read_sum", "torch", "cpu", "acc_cpu", "triton", "acc_triton"])
+    existing = json.loads((REPO / "bench/results/token_stats_cpu.jsonl").read_text().splitlines()[0])
+    for r in rows:
+        assert ROW_FIELDS <= set(r) and set(existing) <= set(r), set(existing) - set(r)
+        assert (r["op"], r["device"], r["dtype"], r["N"], r["V"], r["checked"]) == \
+            ("token_stats", "cpu", "fp32", 3, 700, "full")
+        assert r["ms"] > 0 and r["bytes"] >= 3 * 700 * 4
+        assert r["role"] == ("rankops" if r["backend"] in ("cpu", "acc_cpu", "triton", "acc_triton") else "baseline")
+    by_name = {r["backend"]: r for r in rows}
+    assert by_name["acc_cpu"]["acc_over_token_stats"] == pytest.approx(by_name["acc_cpu"]["ms"] / by_name["cpu"]["ms"], rel=1e-2)
+    assert by_name["cpu"]["speedup_vs_torch"] == pytest.approx(by_name["torch"]["ms"] / by_name["cpu"]["ms"], rel=1e-2)
+    # The table: a header, a separator and one line per row, in the rows' order.
+    table = out[out.index("| candidate |"):].strip().splitlines()
+    assert table[0].startswith("| candidate | dtype | N | V | ms | GB/s |") and set(table[1]) <= set("|-")
+    assert [line.split("|")[1].strip() for line in table[2:]] == names
+
+
+def broken_cpu_kernel(monkeypatch, what):
+    real = _ext.cpu_token_stats
+
+    def broken(*args, **kwargs):
+        rank, ties, logp, first_bad = real(*args, **kwargs)
+        if what == "rank":
+            rank = torch.where(rank >= 0, rank + (rank % 7 == 3).long(), rank)  # a few ranks off by one
+        else:
+            logp = logp * (1 + 1e-5)  # about 100 ulp: within 1e-4, far outside the bound
+        return rank, ties, logp, first_bad
+    monkeypatch.setattr(_ext, "cpu_token_stats", broken)
+
+
+@pytest.mark.parametrize("what", ["rank", "logp"])
+def test_a_wrong_backend_fails_loudly_and_nothing_is_timed(monkeypatch, tmp_path, capsys, what):
+    broken_cpu_kernel(monkeypatch, what)
+    rows_path = tmp_path / "rows.jsonl"
+    timed = []
+    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: timed.append(1) or {})
+    status = main(["bench", "--device", "cpu", "--backends", "cpu", "--shapes", "64x5000", "--dtypes", "fp32",
+                   "--repeat", "1", "--json", str(rows_path)])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert f"FAIL: backend cpu: {what}" in captured.err
+    assert not timed and not rows_path.exists() and "| candidate |" not in captured.out
+
+
+def test_a_wrong_accumulator_fails_loudly(monkeypatch, capsys):
+    real = rankops.RankAccumulator.update
+
+    def drops_a_token(self, logits, targets, **kwargs):
+        return real(self, logits[:-1], targets[:-1], **kwargs)  # row 0 is an ignored one
+    monkeypatch.setattr(rankops.RankAccumulator, "update", drops_a_token)
+    assert main(["bench", "--device", "cpu", "--backends", "cpu", *TINY]) == 1
+    assert "FAIL: RankAccumulator.update(backend='cpu')" in capsys.readouterr().err
+
+
+def test_the_logp_bound_is_the_tests_bound():
+    # G(V) u max(1, |logp|, |lse|), as tests/test_token_stats.py states it.
+    logp = torch.tensor([-0.5, -3.0, -20.0], dtype=torch.float64)
+    lse = torch.tensor([2.0, 12.0, 5.0], dtype=torch.float64)
+    growth = 4 + 2 * 10  # V = 1024
+    want = torch.tensor([2.0, 12.0, 20.0], dtype=torch.float64) * growth * 2.0 ** -24
+    assert torch.equal(bench.logp_bound(1024, logp, lse), want)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "cuda"], "'cuda' is not available here"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+])
+def test_arguments_that_cannot_run_here_exit_2(argv, message, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("these arguments can run on this machine")
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0", "--v", "100"], "needs N >= 1 rows"),
+    (["--json", "/nonexistent-folder/rows.jsonl"], "--json: the folder"),
+])
+def test_bad_cases_and_paths_exit_2_before_anything_runs(argv, message, capsys):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "FAIL" not in err
+
+
+def test_the_default_cases_are_the_quick_ones():
+    args = build_parser().parse_args(["bench", "--device", "cpu"])
+    opts = bench.options_from_args(args, "quick")
+    assert opts.shapes == ((1024, 50304), (1024, 128256)) and opts.dtypes == ("fp32", "bf16")
+    assert opts.backends == ("cpu",) and opts.baselines == ("read_amax", "read_sum", "torch") and opts.repeat == 5
+
+
+def test_the_benchmark_script_is_the_same_benchmark(tmp_path):
+    rows_path = tmp_path / "rows.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "bench/bench_token_stats.py", "--backends", "cpu", *TINY,
+                        "--json", str(rows_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert {row["backend"] for row in rows} == {"read_amax", "read_sum", "torch", "cpu", "acc_cpu"}
+    assert "| candidate |" in r.stdout
