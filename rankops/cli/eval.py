@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     e.add_argument("--backend", default="auto", help="rankops kernel backend (default: fastest available)")
+    e.add_argument("--fused-head", default="auto", choices=["auto", "on", "off"],
+                   help="score the output layer from the last hidden states block by block, never holding "
+                        "a window's logits (on: refuse a model whose logits are not a plain linear map of "
+                        "them; off: the model's logits; auto, the default: fused where possible)")
     e.add_argument("--n-documents", type=int, default=1000, help="documents after shuffling (default: 1000)")
     e.add_argument("--seed", type=int, default=42, help="document shuffle seed (default: 42)")
     e.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
@@ -113,7 +117,7 @@ def _evaluate_all(args, processes, on_checkpoint) -> int:
                                    backend=args.backend, device=processes.device,
                                    max_batch_tokens=args.batch_tokens, checkpoint_every_s=args.checkpoint_every,
                                    progress=not args.no_progress, distributed=distributed,
-                                   on_checkpoint=on_checkpoint)
+                                   on_checkpoint=on_checkpoint, fused_head=args.fused_head)
                 all_results.append(results)
                 if rank == 0:
                     print(f"wrote {results['path']}", file=sys.stderr)
