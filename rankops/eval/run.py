@@ -2,6 +2,13 @@
 per-rank statistics with the fused kernels (never a full log-softmax), checkpoint, resume, and
 write results.
 
+Two paths (choose_head; results["head"] says which ran and why): "fused", for models whose
+logits are a plain linear map of the last hidden states (rankops.eval.models.linear_head),
+runs the model without its output layer and scores the output layer block by block
+(RankAccumulator.update_linear): no [B, T, V] logits are ever held, which is what lets a
+262,144-word model read long windows; "logits" takes the model's own logits
+(RankAccumulator.update). The two paths' logits can differ by rounding (other matmul shapes).
+
 Files, per model and corpus, under OUTPUT/<model>/<corpus>/:
     results.json       the decomposition and everything needed to interpret it
     accumulator.pt     the RankAccumulator state, for re-analysis (rankops.RankAccumulator.load_state_dict)
@@ -18,8 +25,8 @@ What a checkpoint guarantees (rankops.eval.checkpoint verifies it before a resum
   checkpoints what was committed) leaves the last committed pair, never a batch without its
   position. A resumed run checks that the statistics hold exactly the tokens of the batches done.
 - An identity: everything that changes the numbers (run_identity): model, corpus, protocol,
-  the token stream, the batching (tokens per batch, process count and rank), the model's dtype,
-  the backend that runs (resolved: never "auto"), the device type with what selects its
+  the token stream, the batching (tokens per batch, process count and rank), the path (fused
+  or logits), the model's dtype, the backend that runs (resolved: never "auto"), the device type with what selects its
   kernels (the CPU's instruction set for torch and for the cpu backend, the GPU's name), and
   the versions of rankops, torch and transformers. A resume with any of them different is refused,
   naming the fields.
