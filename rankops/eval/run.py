@@ -26,10 +26,10 @@ What a checkpoint guarantees (rankops.eval.checkpoint verifies it before a resum
   position. A resumed run checks that the statistics hold exactly the tokens of the batches done.
 - An identity: everything that changes the numbers (run_identity): model, corpus, protocol,
   the token stream, the batching (tokens per batch, process count and rank), the path (fused
-  or logits), the model's dtype, the backend that runs (resolved: never "auto"), the device type with what selects its
-  kernels (the CPU's instruction set for torch and for the cpu backend, the GPU's name), and
-  the versions of rankops, torch and transformers. A resume with any of them different is refused,
-  naming the fields.
+  or logits), the model's dtype, the backend that runs (resolved: never "auto"), the device
+  type with what selects its kernels (the CPU's instruction set for torch and for the cpu
+  backend, the GPU's name), and the versions of rankops, torch and transformers. A resume
+  with any of them different is refused, naming the fields.
 - A digest and the accumulator's invariants, checked on resume: a corrupt, truncated, forged
   or foreign file is refused with one line naming it (EvalError), never used.
 Temporary files that a killed write left in the run folder are removed when the run starts or
