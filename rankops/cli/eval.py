@@ -80,6 +80,10 @@ def add_parser(sub) -> None:
     e.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="rankops kernel backend; auto: the fastest available for the device and dtype "
                         "(`rankops --version` lists those built)")
+    e.add_argument("--fused-head", default="auto", choices=["auto", "on", "off"],
+                   help="score the output layer from the last hidden states block by block, never holding "
+                        "a window's logits (on: refuse a model whose logits are not a plain linear map of "
+                        "them; off: the model's logits; auto: fused where possible)")
     e.add_argument("--n-documents", type=_positive_int, default=1000, metavar="N", help="documents after shuffling")
     e.add_argument("--seed", type=int, default=42, help="document shuffle seed")
     e.add_argument("--context-length", type=_positive_int, default=None, metavar="TOKENS",
@@ -214,7 +218,7 @@ def _evaluate_all(args, processes, on_checkpoint) -> int:
                                    backend=args.backend, device=processes.device,
                                    max_batch_tokens=args.batch_tokens, checkpoint_every_s=args.checkpoint_every,
                                    progress=not args.no_progress, distributed=distributed,
-                                   on_checkpoint=on_checkpoint)
+                                   on_checkpoint=on_checkpoint, fused_head=args.fused_head)
                 all_results.append(results)
                 if rank == 0:
                     print(f"wrote {results['path']}", file=sys.stderr)

@@ -108,6 +108,87 @@ class LoadedModel:
         return out.logits if hasattr(out, "logits") else out
 
 
+# -- the output layer as a linear map (the fused path of rankops eval) ------------------------
+
+# Config fields of transformers models that change the logits after the output layer: Gemma 2's
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling. The probe in linear_head catches
+# any other post-processing; these give the reason by name, without running anything.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+PROBE_TOKENS = 8
+
+
+class FusedHeadError(ModelError):
+    """A model whose logits are not a plain linear map of its last hidden states; the message
+    says why."""
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A model's logits as body(input_ids).last_hidden_state @ weight.T + bias (linear_head)."""
+    body: torch.nn.Module                # the model without its output layer (final norm included)
+    weight: torch.Tensor                 # [V, D] the output layer's weight (tied or not)
+    bias: Optional[torch.Tensor] = None  # [V]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, D]: exactly what the output layer receives in the model's forward."""
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+
+def linear_head(lm: LoadedModel) -> LinearHead:
+    """lm's output layer as a LinearHead, or a FusedHeadError saying why it is not one.
+
+    Required: a transformers model whose get_output_embeddings() is a plain torch.nn.Linear
+    (no subclass, no hooks), no logit post-processing in its config (LOGIT_POSTPROCESSING), and
+    a decoder (get_decoder()) returning last_hidden_state. Then a probe of PROBE_TOKENS tokens
+    must give the model's own logits bit for bit from F.linear(body(...).last_hidden_state,
+    weight, bias): whatever else the model's forward does to its logits, or a body that is not
+    what the output layer receives, fails it."""
+    model = lm.model
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
+        raise FusedHeadError(f"{lm.name} is not a transformers model (a bare callable has no output layer to read)")
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise FusedHeadError(f"{lm.name}'s output layer is a {type(head).__name__}, not a plain torch.nn.Linear")
+    if head._forward_hooks or head._forward_pre_hooks:
+        raise FusedHeadError(f"{lm.name}'s output layer has forward hooks, which may change its logits")
+    config = getattr(model, "config", None)
+    for field in LOGIT_POSTPROCESSING:
+        value = getattr(config, field, None)
+        if value is not None:
+            raise FusedHeadError(f"{lm.name} post-processes its logits ({field}={value!r}): they are not "
+                                 "a linear map of the hidden states")
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(body, torch.nn.Module) or body is model:
+        raise FusedHeadError(f"cannot find {lm.name}'s decoder (get_decoder()) to run without the output layer")
+    linear = LinearHead(body, head.weight, head.bias)
+    probe = _probe_mismatch(lm, linear)
+    if probe is not None:
+        raise FusedHeadError(f"{lm.name}'s logits are not its output layer applied to its decoder's last "
+                             f"hidden state ({probe}): its forward does something else")
+    return linear
+
+
+def _probe_mismatch(lm: LoadedModel, linear: LinearHead) -> Optional[str]:
+    """None if the model's logits equal F.linear of the body's last hidden state bit for bit on a
+    short probe sequence, else what differed."""
+    device = linear.weight.device
+    input_ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % lm.vocab_size).unsqueeze(0)
+    attention_mask = torch.ones_like(input_ids)
+    try:
+        with torch.no_grad():
+            want = lm.logits(input_ids, attention_mask)
+            got = torch.nn.functional.linear(linear.hidden_states(input_ids, attention_mask),
+                                             linear.weight, linear.bias)
+    except (TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        return f"the probe failed: {type(exc).__name__}: {exc}"
+    if want.shape != got.shape or want.dtype != got.dtype:
+        return f"logits {tuple(want.shape)} {want.dtype}, the linear map's {tuple(got.shape)} {got.dtype}"
+    if not torch.equal(want, got):
+        return f"on a probe of {PROBE_TOKENS} tokens they differ by up to {(want - got).abs().max().item():.3g}"
+    return None
+
+
 def count_parameters(model_or_config) -> dict:
     """Total and non-embedding parameter counts, from a model or from its config alone.
 

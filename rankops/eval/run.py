@@ -2,6 +2,13 @@
 per-rank statistics with the fused kernels (never a full log-softmax), checkpoint, resume, and
 write results.
 
+Two paths (choose_head; results["head"] says which ran and why): "fused", for models whose
+logits are a plain linear map of the last hidden states (rankops.eval.models.linear_head),
+runs the model without its output layer and scores the output layer block by block
+(RankAccumulator.update_linear): no [B, T, V] logits are ever held, which is what lets a
+262,144-word model read long windows; "logits" takes the model's own logits
+(RankAccumulator.update). The two paths' logits can differ by rounding (other matmul shapes).
+
 Files, per model and corpus, under OUTPUT/<model>/<corpus>/:
     results.json       the decomposition and everything needed to interpret it
     accumulator.pt     the RankAccumulator state, for re-analysis (rankops.RankAccumulator.load_state_dict)
@@ -18,11 +25,11 @@ What a checkpoint guarantees (rankops.eval.checkpoint verifies it before a resum
   checkpoints what was committed) leaves the last committed pair, never a batch without its
   position. A resumed run checks that the statistics hold exactly the tokens of the batches done.
 - An identity: everything that changes the numbers (run_identity): model, corpus, protocol,
-  the token stream, the batching (tokens per batch, process count and rank), the model's dtype,
-  the backend that runs (resolved: never "auto"), the device type with what selects its
-  kernels (the CPU's instruction set for torch and for the cpu backend, the GPU's name), and
-  the versions of rankops, torch and transformers. A resume with any of them different is refused,
-  naming the fields.
+  the token stream, the batching (tokens per batch, process count and rank), the path (fused
+  or logits), the model's dtype, the backend that runs (resolved: never "auto"), the device
+  type with what selects its kernels (the CPU's instruction set for torch and for the cpu
+  backend, the GPU's name), and the versions of rankops, torch and transformers. A resume
+  with any of them different is refused, naming the fields.
 - A digest and the accumulator's invariants, checked on resume: a corrupt, truncated, forged
   or foreign file is refused with one line naming it (EvalError), never used.
 Temporary files that a killed write left in the run folder are removed when the run starts or
@@ -56,10 +63,10 @@ from rankops.accumulate import RankAccumulator
 from rankops.atomic import remove_stale_temporaries, save_atomic, write_atomic
 from rankops.eval.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from rankops.eval.corpora import Corpus
-from rankops.eval.models import DTYPES, LoadedModel
+from rankops.eval.models import DTYPES, FusedHeadError, LinearHead, LoadedModel, linear_head
 from rankops.eval.windows import Plan, Protocol, Window, collate, plan_windows
 from rankops.eval.world import World
-from rankops.ops.common import resolve_backend
+from rankops.ops.common import _resolve_linear_backend, resolve_backend
 
 RESULTS_FORMAT = 1
 
@@ -97,19 +104,63 @@ def batches(windows, start: int, max_batch_tokens: int, max_batch_size: int):
         i = j
 
 
-def compute_identity(lm: LoadedModel, device: torch.device, backend: str) -> dict:
-    """What computes the numbers: the model's dtype, the backend resolved for logits of that
-    dtype on device, the device type and what selects its kernels, and the versions."""
-    import transformers
+FUSED_HEAD_CHOICES = ("auto", "on", "off")
+
+
+class HeadChoice(NamedTuple):
+    """How the logits are scored: "fused" (the output layer's matmul block by block,
+    linear_token_stats: no [N, V] tensor) or "logits" (the model's full logits), and why."""
+    path: str                             # "fused" | "logits"
+    reason: str
+    linear: Optional[LinearHead] = None   # with path "fused"
+    backend: Optional[str] = None         # with path "fused": linear_token_stats' backend, resolved
+
+
+def _probe(lm: LoadedModel, device: torch.device) -> torch.Tensor:
     # The logits of a model of unknown dtype (a bare callable) are taken to be float32;
     # _check_backend refuses a batch whose logits would resolve differently.
-    probe = torch.empty(0, dtype=DTYPES.get(lm.dtype, torch.float64 if lm.dtype == "float64" else torch.float32),
-                        device=device)
+    dtype = DTYPES.get(lm.dtype, torch.float64 if lm.dtype == "float64" else torch.float32)
+    return torch.empty(0, 1, dtype=dtype, device=device)
+
+
+def choose_head(lm: LoadedModel, fused_head: str, backend: str, device: torch.device) -> HeadChoice:
+    """fused_head "on": the fused path, or an EvalError saying why the model cannot take it;
+    "off": the logits; "auto": the fused path wherever the model's output layer is a plain
+    linear map (rankops.eval.models.linear_head) and linear_token_stats runs the same kind of
+    backend as the logits would (a kernel, or the reference for both), else the logits."""
+    if fused_head not in FUSED_HEAD_CHOICES:
+        raise EvalError(f"fused_head must be one of {FUSED_HEAD_CHOICES}, got {fused_head!r}")
+    if fused_head == "off":
+        return HeadChoice("logits", "fused head off")
     try:
-        resolved = resolve_backend(backend, probe)
+        linear = linear_head(lm)
+        resolved = _resolve_linear_backend(backend, _probe(lm, device))
+    except (FusedHeadError, TypeError, ValueError) as exc:
+        if fused_head == "on":
+            raise EvalError(f"fused head on, but {lm.name} cannot take it: {exc}") from exc
+        return HeadChoice("logits", str(exc))
+    if fused_head == "auto" and resolved == "torch":
+        try:
+            logits_backend = resolve_backend(backend, _probe(lm, device))
+        except (TypeError, ValueError):
+            logits_backend = "torch"
+        if logits_backend != "torch":
+            return HeadChoice("logits", f"linear_token_stats has no kernel for {_probe(lm, device).dtype} on "
+                                        f"{device.type}; the logits take backend {logits_backend!r}")
+    return HeadChoice("fused", "the output layer is a plain linear map", linear, resolved)
+
+
+def compute_identity(lm: LoadedModel, device: torch.device, backend: str,
+                     head: HeadChoice = HeadChoice("logits", "")) -> dict:
+    """What computes the numbers: the path (head.path: the model's logits or the fused output
+    layer, whose logits can differ by rounding), the model's dtype, the backend resolved for
+    that path, the device type and what selects its kernels, and the versions."""
+    import transformers
+    try:
+        resolved = head.backend if head.path == "fused" else resolve_backend(backend, _probe(lm, device))
     except (TypeError, ValueError) as exc:
         raise EvalError(f"backend {backend!r}: {exc}") from exc
-    compute = {"dtype": lm.dtype, "backend": resolved, "device": device.type}
+    compute = {"head": head.path, "dtype": lm.dtype, "backend": resolved, "device": device.type}
     if device.type == "cuda":
         compute["device_name"] = torch.cuda.get_device_name(device)
     elif device.type == "cpu":
@@ -135,9 +186,14 @@ def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *
              output_path: Optional[str] = None, resume: bool = False, backend: str = "auto",
              device: Union[str, torch.device, None] = None, max_batch_tokens: int = 8192,
              checkpoint_every_s: float = 60.0, progress: bool = True, distributed: bool = False,
-             on_checkpoint: Optional[Callable[[CheckpointWritten], None]] = None) -> dict:
+             on_checkpoint: Optional[Callable[[CheckpointWritten], None]] = None,
+             fused_head: str = "auto") -> dict:
     """Decomposes lm's cross-entropy on corpus under protocol; returns the results dict (and
     writes it under output_path, if given).
+
+    fused_head: "auto" | "on" | "off" (choose_head): score the output layer from the last hidden
+    states block by block (RankAccumulator.update_linear, no [B, T, V] logits) or the model's
+    logits; results["head"] says which ran and why.
 
     device: a torch.device or its name ("cpu", "cuda:1"); default: where the model is.
     distributed=True shards the batches over the processes of the (initialised) default
@@ -147,7 +203,8 @@ def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *
     """
     device = _device(lm, device)
     world = _world(distributed)
-    compute = compute_identity(lm, device, backend)
+    head = choose_head(lm, fused_head, backend, device)  # before the corpus is tokenised: "on" may refuse
+    compute = compute_identity(lm, device, backend, head)
     _stage(progress, world, f"{lm.name} on {corpus.name}: tokenising and cutting into windows")
     plan, context_length = _plan(lm, corpus, protocol)
     _stage(progress, world, f"{lm.name} on {corpus.name}: {plan.n_scored_tokens} tokens to score in "
@@ -161,12 +218,13 @@ def evaluate(lm: LoadedModel, corpus: Corpus, protocol: Protocol = Protocol(), *
     run = _Progress(_Snapshot(RankAccumulator(lm.vocab_size, device=device), 0, _NO_TIME))
     if resume:
         run.committed = checkpoints.resume(run.committed)
-    _score(lm, work, run, checkpoints, device, compute["backend"],
+    _score(lm, head, work, run, checkpoints, device, compute["backend"],
            _progress_bar(progress, world, f"{lm.name} on {corpus.name}", work, run.committed.batches_done))
     acc = run.committed.acc
     world.sum_accumulator(acc)
     timings = world.reduce_timings(dict(run.committed.timings))  # process-seconds summed, the longest wall time
     results = build_results(lm, corpus, protocol, plan, context_length, acc, timings, compute)
+    results["head"] = {"path": head.path, "requested": fused_head, "reason": head.reason}
     results["timings"]["processes"] = world.size
     if out_dir is not None:
         _write_results(out_dir, results, acc, world)
@@ -299,10 +357,12 @@ class _Checkpoints:
             self.path.unlink(missing_ok=True)
 
 
-def _score(lm: LoadedModel, work: List[List[Window]], progress: _Progress, checkpoints: _Checkpoints,
-           device: torch.device, backend: str, bar) -> None:
+def _score(lm: LoadedModel, head: HeadChoice, work: List[List[Window]], progress: _Progress,
+           checkpoints: _Checkpoints, device: torch.device, backend: str, bar) -> None:
     """Runs this process's batches from the committed position on, committing each whole batch:
-    its statistics and position together (_Progress). backend: resolved (compute_identity)."""
+    its statistics and position together (_Progress). backend: resolved (compute_identity).
+    On the fused path forward_s times the model without its output layer and metric_s the
+    output layer's matmuls with the statistics."""
     pad_id = lm.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (lm.tokenizer.eos_token_id or 0)
     started = time.monotonic()
@@ -312,13 +372,21 @@ def _score(lm: LoadedModel, work: List[List[Window]], progress: _Progress, check
                 before = progress.committed
                 input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, pad_id))
                 t0 = time.perf_counter()
-                logits = lm.logits(input_ids, attention_mask)
+                if head.path == "fused":
+                    hidden = head.linear.hidden_states(input_ids, attention_mask)  # [B, T, D]
+                else:
+                    logits = lm.logits(input_ids, attention_mask)  # [B, T, V]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                _check_backend(backend, logits)
                 acc = before.acc.copy()  # the committed statistics stay as they are until the commit
-                acc.update(logits, labels, backend=backend)  # [B, T, V]: vocab truncated to the tokenizer's
+                if head.path == "fused":  # vocab truncated to the tokenizer's, as below
+                    acc.update_linear(hidden, head.linear.weight, labels, bias=head.linear.bias, backend=backend)
+                else:
+                    _check_backend(backend, logits)
+                    acc.update(logits, labels, backend=backend)  # [B, T, V]: vocab truncated to the tokenizer's
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 t2 = time.perf_counter()
                 timings = dict(before.timings, forward_s=before.timings["forward_s"] + t1 - t0,
                                metric_s=before.timings["metric_s"] + t2 - t1)
@@ -462,8 +530,8 @@ def build_results(lm, corpus, protocol, plan, context_length, acc, timings, comp
 
 
 def markdown_table(results: list) -> str:
-    head = ("| model | step | corpus | tokens | CE | EE | SA | Conf | EE/CE | top-1 | MRR | ties |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | step | corpus | tokens | CE | EE | SA | Conf | EE/CE | top-1 | MRR | ties | head |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
         d = r["decomposition"]
@@ -471,5 +539,6 @@ def markdown_table(results: list) -> str:
         rows.append(f"| {r['model']['name']} | {'-' if step is None else step} | {r['corpus']['name']} | "
                     f"{r['n_tokens']} | {d['cross_entropy']:.4f} | {d['error_entropy']:.4f} | "
                     f"{d['self_alignment']:.4f} | {d['confidence']:.4f} | {d['error_entropy_share']:.3f} | "
-                    f"{d['top1_accuracy']:.3f} | {d['mean_reciprocal_rank']:.3f} | {r['tie_rate']:.3f} |")
+                    f"{d['top1_accuracy']:.3f} | {d['mean_reciprocal_rank']:.3f} | {r['tie_rate']:.3f} | "
+                    f"{r.get('head', {}).get('path', 'logits')} |")
     return "\n".join([head] + rows)
