@@ -47,12 +47,13 @@ inline void merge_into(Partial& a, const Partial& b) {
   a.nan = a.nan || b.nan;
 }
 
-// While exp(x - ref) <= e^64 a chunk's float sum cannot overflow (2048 * e^64 ~ 1e31), so the
+// While exp(x - ref) <= e^64 no fp32 term or part can overflow (2048 * e^64 ~ 1e31), so the
 // reference only moves when a chunk's max passes it by more than this.
 constexpr float kRebaseMargin = 64.0f;
 
 struct ChunkStats {
-  float max, min, sum_exp;
+  float max, min;
+  double sum_exp;
   int32_t n_greater, n_equal;
 };
 
@@ -61,17 +62,31 @@ struct ChunkStats {
 // ISA, and the summation order is set by this code rather than by the vectoriser, so it is the
 // same on every ISA. A step loads 64 bytes (16 fp32 or 32 bf16/fp16 values): with 16 lanes of
 // a 16-bit type GCC picks 256-bit vectors for the whole loop body and halves AVX-512's width.
+//
+// The sums are two-level: each lane adds kFlushSteps fp32 terms, then moves them into a double.
+// An fp32 lane over a whole chunk is biased, not just noisy: the reference term (1 for the
+// target, which usually sits near the top) and the few other large terms land in a lane, and
+// every tiny term added after them (exp(-18) ~ 1.5e-8 is typical of a vocabulary's bulk) loses
+// its low bits or vanishes below half an ulp, always downwards. On SmolLM2's logits that left
+// the sum ~2e-7 low and logp 2.1e-7 high on average. With 8 terms per fp32 lane a large term
+// swallows at most 7 others, and the logp bias is 8e-9 (docs/DESIGN.md); a double per element
+// (bias ~0) costs ~35% in fp32 (a widening convert and a double add per 8 values), this ~5%.
 template <typename T>
 struct Lanes {
   static constexpr int kLanes = 64 / sizeof(T);
-  float max[kLanes], min[kLanes], sum[kLanes];
+  float max[kLanes], min[kLanes], part[kLanes];
+  double sum[kLanes];
   int32_t gt[kLanes], eq[kLanes];
   Lanes() {
     for (int j = 0; j < kLanes; ++j) {
-      max[j] = kNegInf; min[j] = -kNegInf; sum[j] = 0.0f; gt[j] = 0; eq[j] = 0;
+      max[j] = kNegInf; min[j] = -kNegInf; part[j] = 0.0f; sum[j] = 0.0; gt[j] = 0; eq[j] = 0;
     }
   }
+  void flush() {  // part -> sum: exact conversion, one double rounding per kFlushSteps terms
+    for (int j = 0; j < kLanes; ++j) { sum[j] += static_cast<double>(part[j]); part[j] = 0.0f; }
+  }
 };
+constexpr int kFlushSteps = 8;  // steps (of kLanes values) per fp32 part, then into the double sum
 
 template <typename T, typename IsBF16, bool kContiguous>
 inline void lanes_step(Lanes<T>& L, const T* __restrict src, int64_t stride, int width, float target,
@@ -82,7 +97,7 @@ inline void lanes_step(Lanes<T>& L, const T* __restrict src, int64_t stride, int
     L.min[j] = v < L.min[j] ? v : L.min[j];
     L.gt[j] += v > target;
     L.eq[j] += v == target;
-    L.sum[j] += exp_bounded(v - ref);
+    L.part[j] += exp_bounded(v - ref);
   }
 }
 
@@ -96,11 +111,17 @@ inline ChunkStats chunk_stats(const T* __restrict src, int64_t stride, int64_t n
   Lanes<T> L;
   constexpr int kLanes = Lanes<T>::kLanes;
   int64_t i = 0;
+  for (; i + kFlushSteps * kLanes <= n;) {
+    for (int k = 0; k < kFlushSteps; ++k, i += kLanes)
+      lanes_step<T, IsBF16, kContiguous>(L, src + i * stride, stride, kLanes, target, ref);
+    L.flush();
+  }
   for (; i + kLanes <= n; i += kLanes)
     lanes_step<T, IsBF16, kContiguous>(L, src + i * stride, stride, kLanes, target, ref);
   if (i < n)
     lanes_step<T, IsBF16, kContiguous>(L, src + i * stride, stride, static_cast<int>(n - i), target, ref);
-  ChunkStats c{kNegInf, -kNegInf, 0.0f, 0, 0};
+  L.flush();
+  ChunkStats c{kNegInf, -kNegInf, 0.0, 0, 0};
   for (int j = 0; j < kLanes; ++j) {
     c.max = L.max[j] > c.max ? L.max[j] : c.max;
     c.min = L.min[j] < c.min ? L.min[j] : c.min;
@@ -111,17 +132,20 @@ inline ChunkStats chunk_stats(const T* __restrict src, int64_t stride, int64_t n
   return c;
 }
 
+// A chunk's sum again after the reference moved (rare): a double sum per lane, unbiased.
 template <typename T, typename IsBF16, bool kContiguous>
-inline float chunk_sum_exp(const T* __restrict src, int64_t stride, int64_t n, float ref) {
+inline double chunk_sum_exp(const T* __restrict src, int64_t stride, int64_t n, float ref) {
   constexpr int kLanes = Lanes<T>::kLanes;
-  float lanes[kLanes] = {0.0f};
+  double lanes[kLanes] = {0.0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j)
-      lanes[j] += exp_bounded(load_value(src + (i + j) * (kContiguous ? 1 : stride), IsBF16{}) - ref);
+      lanes[j] += static_cast<double>(
+          exp_bounded(load_value(src + (i + j) * (kContiguous ? 1 : stride), IsBF16{}) - ref));
   for (int j = 0; i + j < n; ++j)
-    lanes[j] += exp_bounded(load_value(src + (i + j) * (kContiguous ? 1 : stride), IsBF16{}) - ref);
-  float s = 0.0f;
+    lanes[j] += static_cast<double>(
+        exp_bounded(load_value(src + (i + j) * (kContiguous ? 1 : stride), IsBF16{}) - ref));
+  double s = 0.0;
   for (int j = 0; j < kLanes; ++j) s += lanes[j];
   return s;
 }

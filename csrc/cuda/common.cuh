@@ -13,6 +13,12 @@ namespace rankops {
 namespace cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)): one MUFU.EX2
+constexpr float kLog2eLo = 1.92596299e-8f;     // log2(e) - kLog2e: the fp32 constant is that low
+
+// exp(d) for the sums of logsumexp. exp2f(d * kLog2e) alone has a one-sided error: kLog2e is
+// 1.3e-8 (relative) below log2(e), so exp(d), d <= 0, comes out (1 + 1.3e-8 |d|) too large and
+// logp ~1.3e-8 times the softmax's mean |d| (a few nats) too low. One more FMA removes it.
+__device__ inline float exp_of(float d) { return exp2f(fmaf(d, kLog2e, d * kLog2eLo)); }
 
 // Exact upcasts: bf16 and fp16 are subsets of fp32.
 template <typename T> __device__ inline float to_float(T v);

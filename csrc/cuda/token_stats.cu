@@ -83,8 +83,15 @@ __device__ inline float first_ref(const KernelArgs& a, float target) {
 // A thread's running statistics. hi and lo (the largest and smallest non-NaN values) replace a
 // per-element non-finite test; with the first reference finite, the sum turns NaN only for a
 // NaN or a second +inf (inf - inf), so the slice's end can tell NaN from +inf (kernel 1).
+// The sum of exp(x - ref) is sum + part: fp32 terms go into part, which moves into the double
+// sum after each 16-byte vector (flush). A running fp32 sum is biased, not just noisy: after the
+// large terms, each tiny one (exp(-18) ~ 1.5e-8 is typical of a vocabulary's bulk) loses its low
+// bits or vanishes, always downwards (the CPU kernel's fp32 lanes read logp 2.1e-7 high on
+// SmolLM2 that way). A few terms per part bound that loss; one double add per vector is cheap
+// even where fp64 runs at 1/64 rate.
 struct Acc {
-  float ref, sum, hi, lo;
+  float ref, part, hi, lo;
+  double sum;
   int32_t gt, eq;
 
   __device__ inline void add(float x, float target) {
@@ -93,17 +100,24 @@ struct Acc {
     hi = fmaxf(hi, x);  // fmaxf/fminf skip NaN
     lo = fminf(lo, x);
     if (x > ref) {  // rescale instead of a second exp; NaN never enters here
-      sum = sum * exp2f((ref - x) * kLog2e) + 1.0f;
+      sum = (sum + part) * exp_of(ref - x);
+      part = 1.0f;
       ref = x;
     } else {
-      sum += exp2f((x - ref) * kLog2e);
+      part += exp_of(x - ref);
     }
   }
 
+  __device__ inline void flush() {
+    sum += part;
+    part = 0.0f;
+  }
+
+  // Both flushed (part 0).
   __device__ inline void merge(const Acc& o) {
     const float m = fmaxf(ref, o.ref);
     const float shift = m == -INFINITY ? 0.0f : m;  // all -inf so far: no inf - inf
-    sum = sum * exp2f((ref - shift) * kLog2e) + o.sum * exp2f((o.ref - shift) * kLog2e);
+    sum = sum * exp_of(ref - shift) + o.sum * exp_of(o.ref - shift);
     ref = m;
     hi = fmaxf(hi, o.hi);
     lo = fminf(lo, o.lo);
@@ -115,6 +129,7 @@ struct Acc {
 __device__ inline Acc shfl_down(const Acc& a, int offset) {
   Acc o;
   o.ref = __shfl_down_sync(0xffffffffu, a.ref, offset);
+  o.part = 0.0f;  // merged accumulators are flushed
   o.sum = __shfl_down_sync(0xffffffffu, a.sum, offset);
   o.gt = __shfl_down_sync(0xffffffffu, a.gt, offset);
   o.eq = __shfl_down_sync(0xffffffffu, a.eq, offset);
@@ -137,9 +152,9 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
   const int64_t begin = slice * slice_cols;
   const int64_t end = keep ? min(begin + slice_cols, z.n_cols) : begin;  // ignored: read nothing
 
-  Acc acc{first_ref(a, target), 0.0f, -INFINITY, INFINITY, 0, 0};
+  Acc acc{first_ref(a, target), 0.0f, -INFINITY, INFINITY, 0.0, 0, 0};
   if (z.col_stride == 1) {
-    // 16-byte loads over the aligned body; scalar head and tail.
+    // 16-byte loads over the aligned body; scalar head and tail (under one vector each).
     const VecSpan v = vec_span<T>(reinterpret_cast<uintptr_t>(row_ptr + begin), begin, end);
     for (int64_t c = begin + threadIdx.x; c < v.body; c += kThreads)
       acc.add(to_float(row_ptr[c]), target);
@@ -149,13 +164,17 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
       const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int j = 0; j < kVec<T>; ++j) acc.add(to_float(x[j]), target);
+      acc.flush();  // 4 (fp32) or 8 (16-bit) terms per part
     }
     for (int64_t c = v.tail + threadIdx.x; c < end; c += kThreads)
       acc.add(to_float(row_ptr[c]), target);
   } else {
-    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads)
+    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
       acc.add(to_float(row_ptr[c * z.col_stride]), target);
+      acc.flush();
+    }
   }
+  acc.flush();
 
   // Fixed-order reduction: within each warp, then across warps in warp order.
   for (int offset = 16; offset > 0; offset >>= 1) acc.merge(shfl_down(acc, offset));
@@ -186,7 +205,7 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
   }
   if (threadIdx.x == 0) {
     parts.ref[task] = total.ref;
-    parts.sum[task] = total.sum;
+    parts.sum[task] = static_cast<float>(total.sum);  // one rounding per slice: noise, no bias
     parts.gt[task] = total.gt;
     parts.eq[task] = total.eq;
     parts.bad[task] = saw;
@@ -207,12 +226,12 @@ __global__ void finish_kernel(const KernelArgs a, int64_t n_slices, Partials par
   }
   const T* row_ptr = static_cast<const T*>(a.logits.data) + a.logits.row_offset(row);
   const float target = target_value(a, row_ptr, row, t);
-  Acc acc{-INFINITY, 0.0f, -INFINITY, INFINITY, 0, 0};
+  Acc acc{-INFINITY, 0.0f, -INFINITY, INFINITY, 0.0, 0, 0};
   int64_t gt = 0, eq = 0;
   int32_t saw = 0;
   for (int64_t s = 0; s < n_slices; ++s) {  // slice order: never depends on scheduling
     const int64_t i = row * n_slices + s;
-    acc.merge(Acc{parts.ref[i], parts.sum[i], -INFINITY, INFINITY, 0, 0});
+    acc.merge(Acc{parts.ref[i], 0.0f, -INFINITY, INFINITY, parts.sum[i], 0, 0});
     gt += parts.gt[i];
     eq += parts.eq[i];
     saw |= parts.bad[i];
@@ -222,10 +241,12 @@ __global__ void finish_kernel(const KernelArgs a, int64_t n_slices, Partials par
   const bool own_target = a.target_logit == nullptr && target == target;
   const int64_t ties = eq - (own_target ? 1 : 0);
   // IEEE from here: a finite target minus +inf is -inf; -inf - -inf and inf - inf are NaN.
-  float lse = acc.ref + logf(acc.sum);  // all -inf: sum 0, so -inf
+  // In double: an fp32 ref + log(sum) and target - lse would each round at the scale of the
+  // logits (|ref| ~ 20: steps of 2e-6).
+  double lse = acc.ref + log(acc.sum);  // all -inf: sum 0, so -inf
   if (saw & kSawPosInf) lse = INFINITY;
   if (saw & kSawNan) lse = NAN;
-  const float logp = target - lse;
+  const float logp = static_cast<float>(static_cast<double>(target) - lse);
   a.rank[row] = gt;
   a.ties[row] = ties;
   a.logp[row] = logp;

@@ -12,6 +12,22 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 1 as float64: m + log(sum exp(z - m)), the exponentials in z's dtype,
+    their sum and the rest in float64. In fp32, torch's sum of the exponentials is biased (logp
+    +2.8e-8 on SmolLM2's logits), and m + log(s) and z_t - lse round at the scale of the logits
+    (|m| ~ 20: steps of 2e-6), noise that hides such a bias (docs/DESIGN.md, "Accuracy of logp").
+    The row max is the answer where it is not finite: NaN if any value is NaN, +inf if any is
+    +inf, -inf if all are -inf."""
+    if z.shape[1] == 0:
+        return torch.full(z.shape[:1], float("-inf"), dtype=torch.float64, device=z.device)
+    m = z.amax(dim=1)                                  # [N]; amax propagates NaN
+    finite = torch.isfinite(m)
+    m0 = torch.where(finite, m, torch.zeros_like(m))
+    s = torch.exp(z - m0[:, None]).sum(dim=1, dtype=torch.float64)  # [N], >= 1 for finite rows
+    return torch.where(finite, m0.double() + torch.log(s), m.double())
+
+
 def token_stats(logits, targets, ignore_index: int, n_cols: int, target_logit=None):
     """Returns rank, ties, logp and non-finite flags [N].
 
@@ -30,7 +46,7 @@ def token_stats(logits, targets, ignore_index: int, n_cols: int, target_logit=No
     rank = (z > z_t).sum(dim=1)                   # strict: ties do not raise the rank
     ties = (z == z_t).sum(dim=1) - own
     acc = _acc_dtype(logits)
-    logp = z_t.squeeze(1).to(acc) - torch.logsumexp(z.to(acc), dim=1)
+    logp = (z_t.squeeze(1).double() - _logsumexp(z.to(acc))).to(acc)
     flags = ~torch.isfinite(z).all(dim=1) & keep
     return (torch.where(keep, rank, -1), torch.where(keep, ties, 0), torch.where(keep, logp, 0.0),
             flags.to(torch.int32))

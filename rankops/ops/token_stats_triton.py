@@ -20,6 +20,12 @@ import triton
 import triton.language as tl
 
 SLICE_COLS = 16384   # columns per program: keeps few-row, huge-V inputs spread over the GPU
+# log2(e) = LOG2E_HI + LOG2E_LO. exp(d) as exp2(d * LOG2E_HI) alone has a one-sided error: the
+# fp32 constant is 1.3e-8 (relative) low, so every term exp(d), d <= 0, comes out (1 + 1.3e-8 |d|)
+# too large, the sum too, and logp low by ~1.3e-8 times the mean |d| under the softmax (a few
+# nats). The low part removes that: d * LOG2E_HI + d * LOG2E_LO leaves only rounding noise.
+LOG2E_HI: tl.constexpr = 1.44269502162933349609375  # fp32(log2(e))
+LOG2E_LO: tl.constexpr = 1.92596298909109e-08        # log2(e) - LOG2E_HI
 
 
 @triton.jit
@@ -92,7 +98,9 @@ def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_st
     end = tl.where(keep, end, begin)  # an ignored row reads nothing
     cols = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
+    # The slice's sum in fp64: an fp32 running sum absorbs each tile's small sum after the large
+    # terms with a one-sided rounding loss (docs/DESIGN.md, "Accuracy of logp").
+    s = tl.zeros((), tl.float64)
     gt = tl.zeros((), tl.int64)
     eq = tl.zeros((), tl.int64)
     bad = tl.zeros((), tl.int32)
@@ -110,8 +118,10 @@ def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_st
         # An all -inf prefix leaves m_new = -inf; shift by 0 then so no inf - inf appears.
         # Subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp2((m - shift) * 1.4426950408889634) + \
-            tl.sum(tl.exp2((x - shift) * 1.4426950408889634), axis=0)
+        d = x - shift
+        d_old = m - shift
+        tile = tl.sum(tl.exp2(d * LOG2E_HI + d * LOG2E_LO), axis=0)
+        s = s * tl.exp2(d_old * LOG2E_HI + d_old * LOG2E_LO).to(tl.float64) + tile.to(tl.float64)
         m = m_new
     out = row * n_slices + sl
     tl.store(part_max_ptr + out, m)
@@ -134,14 +144,16 @@ def _finish_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_s
     _, keep, z_t = _row_target(logits_ptr, targets_ptr, target_logit_ptr, row, lead_sizes,
                                lead_strides, stride_col, n_cols, ignore_index, N_LEAD, EXTERNAL,
                                BF16_BITS)
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
+    # The merge and the final combination in fp64, one row per program: an fp32 m + log(s) and
+    # z_t - lse would each round at the scale of the logits (|m| ~ 20 gives steps of 2e-6).
+    m = tl.full((), float("-inf"), tl.float64)
+    s = tl.zeros((), tl.float64)
     gt = tl.zeros((), tl.int64)
     eq = tl.zeros((), tl.int64)
     bad = tl.zeros((), tl.int32)
     for sl in range(0, n_slices):  # fixed order: the result never depends on scheduling
         i = row * n_slices + sl
-        pm = tl.load(part_max_ptr + i)
+        pm = tl.load(part_max_ptr + i).to(tl.float64)
         m_new = tl.maximum(m, pm)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf
         s = s * tl.exp(m - shift) + tl.load(part_sum_ptr + i) * tl.exp(pm - shift)
@@ -159,7 +171,7 @@ def _finish_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_s
     lse = m + tl.log(tl.where(keep, s, 1.0))  # ignored rows summed nothing
     lse = tl.where((bad & SAW_POS_INF) != 0, float("inf"), lse)
     lse = tl.where((bad & SAW_NAN) != 0, float("nan"), lse)
-    logp = z_t - lse
+    logp = (z_t.to(tl.float64) - lse).to(tl.float32)
     tl.store(rank_ptr + row, tl.where(keep, rank, -1))
     tl.store(ties_ptr + row, tl.where(keep, ties, 0))
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
@@ -221,7 +233,7 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_col
     n_slices = triton.cdiv(n_cols, SLICE_COLS)
     block = min(4096, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
     part_max = torch.empty(n_rows * n_slices, dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
+    part_sum = torch.empty(n_rows * n_slices, dtype=torch.float64, device=device)
     part_gt = torch.empty(n_rows * n_slices, dtype=torch.int64, device=device)
     part_eq = torch.empty_like(part_gt)
     part_bad = torch.empty(n_rows * n_slices, dtype=torch.int32, device=device)
