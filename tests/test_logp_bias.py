@@ -83,6 +83,7 @@ def test_triton_log2e_split():
     # The Triton kernels compute exp(d) as exp2(d * LOG2E_HI + d * LOG2E_LO); with the fp32
     # constant alone every term is 1.3e-8 |d| too large (relative), a bias, not noise.
     triton_ops = pytest.importorskip("rankops.ops.token_stats_triton")
-    hi, lo = float(triton_ops.LOG2E_HI), float(triton_ops.LOG2E_LO)
+    # tl.constexpr(...) objects (the form every Triton compiles for a GPU); .value is the float.
+    hi, lo = (float(getattr(c, "value", c)) for c in (triton_ops.LOG2E_HI, triton_ops.LOG2E_LO))
     assert torch.tensor(hi, dtype=torch.float32).item() == hi
     assert abs(hi + lo - 1 / math.log(2)) < 1e-16
