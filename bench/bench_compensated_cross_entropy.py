@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import rankops
-from rankops.bench import DTYPES, environment, l2_flush, time_interleaved
+from rankops.bench import DTYPES, environment, l2_flush, status_kib, time_interleaved
 from rankops.bench import fmt as _fmt
 
 LAM = 0.3
@@ -111,19 +111,10 @@ def _rss_child(queue, name, n_rows, n_vocab, dtype_name, backends):
     # of make_case) do not hide the candidate's own peak.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     fn(x, targets)
-    queue.put((_status_kib("VmHWM") - before) / 1024)
+    queue.put((status_kib("VmHWM") - before) / 1024)
 
-
-def _status_kib(field):
-    """A memory figure of this process from /proc/self/status, in KiB (Linux). getrusage's
-    ru_maxrss would not do: a spawned child inherits the parent's across exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_extra_mb(device, name, fn, logits, targets, backends):

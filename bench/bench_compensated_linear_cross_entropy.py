@@ -20,7 +20,6 @@ hidden and weight, which every candidate returns, included).
 Rows are appended as JSONL to bench/results/compensated_linear_cross_entropy_cpu.jsonl.
 """
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import rankops
+from rankops.bench import host_peak_extra_mb
 from rankops import _ext
 
 SHAPES = [(4096, 576, 49152)]  # (N, D, V): a SmolLM-135M-sized output layer, 4096 tokens
@@ -40,25 +40,6 @@ QUICK_SHAPES = [(512, 64, 20000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAM = 0.3
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "compensated_linear_cross_entropy_cpu.jsonl")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_extra_mb(fn) -> float:
-    """Peak resident memory during fn() beyond what was resident before it, in MB."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory would hide new allocations
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - before) / 1024
 
 
 def run_case(dtype_name, n, d, v, rounds):
@@ -99,7 +80,7 @@ def run_case(dtype_name, n, d, v, rounds):
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    peak = {name: peak_extra_mb(fns[name]) for name in fns}
+    peak = {name: host_peak_extra_mb(fns[name]) for name in fns}
     logits_mb = n * v * hidden.element_size() / 2 ** 20
     ms = {name: statistics.median(t) for name, t in times.items()}
     row = dict(

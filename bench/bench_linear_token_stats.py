@@ -29,7 +29,6 @@ one call over the allocated memory before it.
 Rows are appended as JSONL to bench/results/linear_token_stats_{cpu,gpu}.jsonl.
 """
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import rankops
+from rankops.bench import host_peak_extra_mb
 from rankops import _ext
 
 SHAPES = [(8192, 640, 262144), (8192, 576, 49152)]  # (N, D, V): the issue's two cases
@@ -49,25 +49,6 @@ QUICK_SHAPES = [(512, 64, 40000), (256, 96, 70000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPES_GPU = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_extra_mb(fn) -> float:
-    """Peak resident memory during fn() beyond what was resident before it, in MB."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory would hide new allocations
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - before) / 1024
 
 
 def run_case(dtype_name, n, d, v, rounds):
@@ -93,7 +74,7 @@ def run_case(dtype_name, n, d, v, rounds):
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    peak = {name: peak_extra_mb(fns[name]) for name in ("baseline", "linear")}
+    peak = {name: host_peak_extra_mb(fns[name]) for name in ("baseline", "linear")}
     logits_mb = n * v * hidden.element_size() / 2 ** 20
     ms = {name: statistics.median(t) for name, t in times.items()}
     row = dict(

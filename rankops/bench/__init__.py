@@ -226,6 +226,30 @@ def l2_flush(device: str):
     return buf.zero_
 
 
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux). getrusage's
+    ru_maxrss would not do: a spawned child inherits the parent's across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def host_peak_extra_mb(fn) -> float:
+    """Peak resident memory of this process during fn() beyond what was resident before it, in
+    MB (Linux): VmHWM, reset to the current resident set through /proc/self/clear_refs."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory would hide new allocations
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - before) / 1024
+
+
 def peak_extra_mb(fn, device: str):
     """Peak memory allocated by fn beyond what was allocated before it, in MB (CUDA only)."""
     if device != "cuda":
