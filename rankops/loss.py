@@ -37,7 +37,7 @@ from typing import Optional, Union
 
 import torch
 
-from rankops.ops.common import RowOptions, nonfinite_error, prepare, prepare_linear
+from rankops.ops.common import RowOptions, prepare, prepare_linear, raise_if_nonfinite
 from rankops.ops.linear_softmax_grad import default_block, linear_softmax_grad, target_logits
 from rankops.ops.linear_token_stats import linear_token_stats_op
 from rankops.ops.softmax_grad import softmax_grad
@@ -260,9 +260,7 @@ class _CompensatedCrossEntropy(torch.autograd.Function):
         rows = opt.rows
         rank, logp, lse, first_bad = _forward_stats(logits, targets, rows)
         if rows.check_finite:
-            bad_row = int(first_bad)
-            if bad_row >= 0:
-                raise nonfinite_error(bad_row, targets.shape)
+            raise_if_nonfinite(first_bad, targets.shape)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         loss, weight, denom = _loss_and_weights(rank, logp, opt, num_items, running, out_dtype)
         ctx.save_for_backward(logits, targets, lse, weight)
@@ -340,9 +338,7 @@ class _CompensatedLinearCrossEntropy(torch.autograd.Function):
         rank, _, logp, first_bad = linear_token_stats_op(hidden, weight, bias, targets, rows.ignore_index,
                                                          rows.n_cols, forward_block, rows.backend)
         if rows.check_finite:
-            bad_row = int(first_bad)
-            if bad_row >= 0:
-                raise nonfinite_error(bad_row, targets.shape)
+            raise_if_nonfinite(first_bad, targets.shape)
         out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         loss, weight_i, denom = _loss_and_weights(rank, logp, opt, num_items, running, out_dtype)
         # The backward works on the kept rows only (a host sync, as the block path's own).

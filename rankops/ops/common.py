@@ -178,6 +178,14 @@ def nonfinite_error(row: int, lead_shape) -> ValueError:
                       f"{pos}; pass check_finite=False to compute with IEEE semantics anyway")
 
 
+def raise_if_nonfinite(first_bad: torch.Tensor, lead_shape) -> None:
+    """The check_finite=True check after a kernel: first_bad is its 0-d first non-finite row
+    (-1 if none). Reading it is the one host sync of a GPU's validation."""
+    bad_row = int(first_bad)
+    if bad_row >= 0:
+        raise nonfinite_error(bad_row, lead_shape)
+
+
 def first_flagged_row(flags: torch.Tensor) -> torch.Tensor:
     """0-d int64 on flags' device: the first flat row with a nonzero flag, or -1. No host sync."""
     n = flags.numel()

@@ -32,7 +32,7 @@ import torch
 
 from rankops import _ext
 from rankops.ops import reference
-from rankops.ops.common import first_flagged_row, nonfinite_error, prepare_linear
+from rankops.ops.common import first_flagged_row, prepare_linear, raise_if_nonfinite
 from rankops.ops.token_stats import TokenStats
 
 # The logits buffer of the CPU path holds at most this many elements (64 MiB in fp32):
@@ -85,9 +85,7 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                                                         opt.ignore_index, opt.n_cols, block_size,
                                                         opt.backend)
     if check_finite:
-        bad_row = int(first_bad)
-        if bad_row >= 0:
-            raise nonfinite_error(bad_row, targets.shape)
+        raise_if_nonfinite(first_bad, targets.shape)
     return TokenStats(rank, ties, logp)
 
 

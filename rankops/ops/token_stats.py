@@ -13,7 +13,7 @@ import torch
 
 from rankops import _ext
 from rankops.ops import reference
-from rankops.ops.common import first_flagged_row, nonfinite_error, prepare
+from rankops.ops.common import first_flagged_row, prepare, raise_if_nonfinite
 
 
 # Other rank conventions, for comparing with tools that count differently (docs/DESIGN.md,
@@ -89,9 +89,7 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: in
     rank, ties, logp, first_bad = token_stats_op(logits, targets, opt.ignore_index, opt.n_cols,
                                                  opt.backend)
     if check_finite:
-        bad_row = int(first_bad)  # the one sync (a GPU's validation)
-        if bad_row >= 0:
-            raise nonfinite_error(bad_row, targets.shape)
+        raise_if_nonfinite(first_bad, targets.shape)
     return TokenStats(rank, ties, logp)
 
 
