@@ -15,6 +15,7 @@
 namespace py = pybind11;
 using namespace rankops;
 using Ptr = uintptr_t;
+template <typename T> T* as(Ptr p) { return reinterpret_cast<T*>(p); }
 
 #define OP_ARGS py::arg("logits"), py::arg("targets"), py::arg("ignore_index")
 PYBIND11_MODULE(_C, m) {
@@ -53,33 +54,24 @@ PYBIND11_MODULE(_C, m) {
   m.attr("partial_bytes") = sizeof(cpu::Partial);
   m.attr("slice_cols") = cpu::kSliceCols;
   m.def("block_partials", [](const Logits& z, Ptr target_logit, Ptr slices, int n_threads) {
-    if (!target_logit || !slices || n_threads < 1)
-      throw py::value_error("block_partials needs target_logit, slices and n_threads >= 1");
     KernelArgs a;  // no targets: every row is kept, its target logit given
-    a.logits = z, a.n_threads = n_threads;
-    a.target_logit = reinterpret_cast<const float*>(target_logit);
+    a.logits = z, a.n_threads = n_threads, a.target_logit = as<const float>(target_logit);
     py::gil_scoped_release release;
-    cpu::block_partials(a, reinterpret_cast<cpu::Partial*>(slices));
-  }, py::arg("logits"), py::arg("target_logit"), py::arg("slices"),
-     py::arg("n_threads") = 1);
+    cpu::block_partials(a, as<cpu::Partial>(slices));
+  }, py::arg("logits"), py::arg("target_logit"), py::arg("slices"), py::arg("n_threads") = 1);
   m.def("fold_partials", [](Ptr running, Ptr slices, int64_t n_rows, int64_t n_slices, bool started,
                             int n_threads) {
-    if (!running || !slices || n_rows < 0 || n_slices < 1 || n_threads < 1)
-      throw py::value_error("fold_partials: null buffer, n_rows < 0, n_slices < 1 or n_threads < 1");
     py::gil_scoped_release release;
-    cpu::fold_partials(reinterpret_cast<cpu::Partial*>(running),
-                       reinterpret_cast<const cpu::Partial*>(slices), n_rows, n_slices, started, n_threads);
+    cpu::fold_partials(as<cpu::Partial>(running), as<const cpu::Partial>(slices), n_rows, n_slices,
+                       started, n_threads);
   }, py::arg("running"), py::arg("slices"), py::arg("n_rows"), py::arg("n_slices"),
      py::arg("started"), py::arg("n_threads") = 1);
   m.def("finish_partials", [](Ptr running, Ptr target_logit, int64_t n_rows, Ptr rank, Ptr ties,
                               Ptr logp, int n_threads) {
-    if (!running || !target_logit || !rank || !ties || !logp || n_rows < 0 || n_threads < 1)
-      throw py::value_error("finish_partials: null buffer, n_rows < 0 or n_threads < 1");
     py::gil_scoped_release release;
-    return cpu::finish_partials(reinterpret_cast<const cpu::Partial*>(running),
-                                reinterpret_cast<const float*>(target_logit), n_rows,
-                                reinterpret_cast<int64_t*>(rank), reinterpret_cast<int64_t*>(ties),
-                                reinterpret_cast<float*>(logp), n_threads);
+    return cpu::finish_partials(as<const cpu::Partial>(running), as<const float>(target_logit),
+                                n_rows, as<int64_t>(rank), as<int64_t>(ties), as<float>(logp),
+                                n_threads);
   }, py::arg("running"), py::arg("target_logit"), py::arg("n_rows"), py::arg("rank"),
      py::arg("ties"), py::arg("logp"), py::arg("n_threads") = 1);
   m.def("cpu_isa", [] { return std::string(cpu::active_isa()); });

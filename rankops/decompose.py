@@ -167,8 +167,8 @@ def _decompose_observed(ranks: np.ndarray, n_k: np.ndarray, L_k: np.ndarray, tie
     log_Z = m + math.log(_fsum(np.exp(log_S - m)))     # logsumexp
     log_Q = log_S - log_Z
     return Decomposition(
-        cross_entropy=-_fsum(L_k) / n_tokens,
-        error_entropy=-_fsum(P * log_P),
+        cross_entropy=(0.0 - _fsum(L_k)) / n_tokens,  # 0.0 - x: +0.0, not -0.0, for a perfect model
+        error_entropy=0.0 - _fsum(P * log_P),
         self_alignment=_fsum(P * (log_P - log_Q)),
         confidence=log_Z,
         n_tokens=n_tokens,

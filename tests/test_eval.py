@@ -361,6 +361,27 @@ def test_any_callable_returning_logits(tokenizer, corpus):
     assert results["decomposition"]["cross_entropy"] == pytest.approx(want.cross_entropy, abs=1e-5)
 
 
+def test_a_model_right_on_every_token_gets_a_table(tokenizer, corpus, tmp_path):
+    # CE = 0 leaves the shares of CE undefined: None in results.json, "-" in the table, and the
+    # run completes (it used to write results.json and then fail formatting the table).
+    from rankops.eval.models import wrap_model
+    from rankops.eval.run import markdown_table
+    V = len(tokenizer)
+
+    def oracle(input_ids, attention_mask):  # sees the next token: certain and right everywhere
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        return torch.nn.functional.one_hot(nxt, V).float() * 200.0 - 100.0
+    lm = wrap_model(oracle, tokenizer, name="oracle", context_length=32)
+    results = evaluate(lm, corpus, Protocol(context_length=32), output_path=str(tmp_path), progress=False)
+    d = results["decomposition"]
+    assert d["cross_entropy"] == 0.0 and d["top1_accuracy"] == 1.0
+    assert d["error_entropy_share"] is None
+    saved = json.loads(next(tmp_path.glob("*/*/results.json")).read_text())
+    assert saved["decomposition"]["error_entropy_share"] is None
+    row = markdown_table([saved]).splitlines()[-1].split(" | ")
+    assert row[8] == "-" and row[4] == "0.0000"
+
+
 def test_unreachable_hub_model_fails_cleanly(tmp_path):
     r = cli("eval", "--model", "no-such-owner/no-such-model", "--corpus", "cpython-stdlib",
             "--no-progress", "--output-path", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})

@@ -402,6 +402,16 @@ def test_binding_refuses_what_would_corrupt_memory():
         _ext.cpu_token_stats(logits, targets[:3], -100, 10)
     with pytest.raises(ValueError, match="target_logit"):
         _ext.cpu_token_stats(logits, targets, -100, 10, target_logit=torch.zeros(4, dtype=torch.float64))
+    # The fused output layer's block steps take caller-owned buffers: null ones are refused.
+    zt = torch.zeros(4)
+    slices = torch.empty(4 * C.partial_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="block_partials needs target_logit"):
+        C.block_partials(logits=z, target_logit=0, slices=slices.data_ptr())
+    with pytest.raises(ValueError, match="fold_partials: null buffer"):
+        C.fold_partials(running=0, slices=slices.data_ptr(), n_rows=4, n_slices=1, started=False)
+    with pytest.raises(ValueError, match="finish_partials: null buffer"):
+        C.finish_partials(running=slices.data_ptr(), target_logit=zt.data_ptr(), n_rows=4, rank=0,
+                          ties=out[1].data_ptr(), logp=out[2].data_ptr())
 
 
 def test_isa_functions():

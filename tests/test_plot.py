@@ -214,3 +214,69 @@ def test_many_panels_fill_a_grid_no_wider_than_2400_px(results_dir, tmp_path, mo
     for p in written:  # rendered as `rankops plot` renders them: every image within the bound
         w, h = png_size(p)
         assert 400 < w <= MAX_WIDTH_PX and h <= MAX_WIDTH_PX, (p.name, w, h)
+
+
+def with_accumulator(results_dir, tmp_path, write):
+    """A copy of the results whose last checkpoint's accumulator.pt is replaced by write(path)."""
+    import shutil
+    shutil.copytree(results_dir, tmp_path / "results")
+    path = next((tmp_path / "results").glob("checkpoint-1000/*/accumulator.pt"))
+    write(path)
+    return tmp_path / "results", path
+
+
+def test_a_small_file_claiming_a_huge_vocabulary_is_refused_before_any_allocation(results_dir, tmp_path):
+    # 2e8 columns would be 9.6 GB of int64 state; the file holds a few bytes. The command runs
+    # with its address space capped at 2 GiB above what its imports took: allocating the
+    # claimed state would fail there, not succeed slowly.
+    import subprocess
+    import sys
+    claim = {"format": 1, "vocab_size": 200_000_000, "stats": torch.zeros(6, 4, dtype=torch.int64),
+             "n_tied": torch.tensor(0), "n_skipped": torch.tensor(0), "ties_known": True}
+    folder, path = with_accumulator(results_dir, tmp_path, lambda p: torch.save(claim, p))
+    assert path.stat().st_size < 4096
+    code = ("import resource, sys, time\n"
+            "import torch, matplotlib.pyplot\n"
+            "from rankops.cli import main\n"
+            "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + 2 ** 31, resource.RLIM_INFINITY))\n"
+            "t0 = time.monotonic()\n"
+            "rc = main(['plot', sys.argv[1], '--output-dir', sys.argv[2]])\n"
+            "print(f'elapsed {time.monotonic() - t0:.1f}')\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "figures")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"rankops plot: error: {path}: "), r.stderr
+    assert "claims vocab_size 200000000 but its stats are a torch.int64 tensor of shape (6, 4)" in r.stderr
+    assert float(r.stdout.split()[-1]) < 60
+
+
+@pytest.mark.parametrize("form, message", [
+    ("truncated", "cannot be read as an accumulator file"),
+    ("not a dict", "not a dict"),
+    ("a negative count", "negative strict count"),
+    ("a hostile pickle", "refused unread"),
+])
+def test_a_bad_accumulator_file_is_one_line_and_exit_2(results_dir, tmp_path, capsys, form, message):
+    import os
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    def write(path):
+        if form == "truncated":
+            path.write_bytes(path.read_bytes()[:100])
+        elif form == "not a dict":
+            torch.save(torch.zeros(3), path)
+        elif form == "a negative count":
+            state = torch.load(path)
+            state["stats"][0, 0] = -1
+            torch.save(state, path)
+        else:
+            torch.save({"stats": Hostile()}, path)
+    folder, path = with_accumulator(results_dir, tmp_path, write)
+    assert main(["plot", str(folder), "--output-dir", str(tmp_path / "figures")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rankops plot: error: {path}: ") and message in err, err

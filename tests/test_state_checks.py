@@ -69,13 +69,35 @@ IMPOSSIBLE = {
 }
 
 
+REFUSALS = {  # case -> what the refusal must say (it names the field)
+    'count_raised_by_1e6': 'tokens by strict rank but 64 by pessimistic rank',
+    'format_string': "state['format'] must be an int",
+    'format_tensor': "state['format'] must be an int",
+    'lo_word_2_pow_50': 'strict low word outside [0, 2^32)',
+    'lo_word_negative': 'pessimistic low word outside [0, 2^32)',
+    'n_skipped_negative': 'n_skipped = -5, below 0',
+    'n_tied_above_n_tokens': 'n_tied = 1000000, outside [0, n_tokens',
+    'n_tied_float': "state['n_tied'] must be an int",
+    'n_tied_negative': 'n_tied = -1, outside',
+    'n_tied_string': "state['n_tied'] must be an int",
+    'n_tied_wrong_shape': "state['n_tied'] must be an int or an int64 tensor holding one number",
+    'negative_count': 'negative strict count',
+    'pessimistic_total_differs': 'pessimistic',
+    'positive_logp_sum': 'positive strict logp sum',
+    'stats_float': "state['stats'] must be an int64 tensor",
+    'sum_in_empty_bin': 'strict logp sum at a rank without tokens',
+    'ties_known_string': "state['ties_known'] must be a bool",
+}
+
+
 @pytest.mark.parametrize("name", sorted(IMPOSSIBLE))
 def test_load_state_dict_refuses_impossible_state(name):
     state = corrupted(IMPOSSIBLE[name])
     target, _, _ = filled(seed=1)
     before = target.state_dict()
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError)) as raised:
         target.load_state_dict(state)
+    assert REFUSALS[name] in str(raised.value)
     after = target.state_dict()
     assert torch.equal(after["stats"], before["stats"]) and int(after["n_tied"]) == int(before["n_tied"])
 
@@ -110,6 +132,19 @@ RUNNING_IMPOSSIBLE = {
 }
 
 
+RUNNING_REFUSALS = {
+    'count_nan': "state['count'] holds NaN",
+    'count_negative': 'counts must be >= 0',
+    'count_string': "state['count'] must be a floating-point tensor",
+    'decay_above_one': "state['decay'] must be a float in [0, 1]",
+    'decay_nan': "state['decay'] must be a float in [0, 1]",
+    'decay_negative': "state['decay'] must be a float in [0, 1]",
+    'missing_key': "missing ['sum_logp']",
+    'n_updates_negative': "state['n_updates'] must be an int >= 0",
+    'sum_positive': 'logp sums <= 0',
+}
+
+
 @pytest.mark.parametrize("name", sorted(RUNNING_IMPOSSIBLE))
 def test_running_rank_stats_load_state_dict_refuses_impossible_state(name):
     running = rankops.RunningRankStats(V, decay=0.5)
@@ -119,8 +154,9 @@ def test_running_rank_stats_load_state_dict_refuses_impossible_state(name):
     state = running.state_dict()
     RUNNING_IMPOSSIBLE[name](state)
     fresh = rankops.RunningRankStats(V, decay=0.9)
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError)) as raised:
         fresh.load_state_dict(state)
+    assert RUNNING_REFUSALS[name] in str(raised.value)
     assert fresh.decay == 0.9 and fresh.n_updates == 0 and not fresh.count.any()
 
 
@@ -223,9 +259,9 @@ def test_compensated_loss_refuses_bad_num_items_and_min_weight():
 def test_fit_edge_cases_say_what_is_wrong():
     x = np.geomspace(1e6, 1e9, 5)
     y = 2.0 * x ** -0.1
-    with pytest.raises(ValueError, match="y"):
+    with pytest.raises(ValueError, match=r"y must be finite, got y\[4\] = nan"):
         fit.leave_largest_out(x, np.where(x == x.max(), np.nan, y))
-    with pytest.raises(ValueError, match="y"):
+    with pytest.raises(ValueError, match=r"y must be nonzero .*got y\[4\] = 0"):
         fit.leave_largest_out(x, np.where(x == x.max(), 0.0, y))
     with pytest.raises(ValueError, match="seed"):
         fit.bootstrap(x, y, seed=-1)

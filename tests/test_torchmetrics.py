@@ -106,6 +106,16 @@ def test_forward_returns_the_batch_value_and_accumulates():
     assert_result_equals(metric.compute(), acc.decompose(), acc.tie_rate)
 
 
+def test_compute_for_a_model_right_on_every_token():
+    # CE = 0: the share of CE is undefined (NaN), not a ZeroDivisionError.
+    metric = CrossEntropyDecomposition(vocab_size=3)
+    metric.update(torch.tensor([[200.0, -200.0, -200.0]] * 4), torch.tensor([0, 0, 0, 0]))
+    out = metric.compute()
+    assert out["cross_entropy"].item() == 0.0
+    assert math.isnan(out["error_entropy_share"].item())
+    assert metric.decomposition().cross_entropy == 0.0
+
+
 def test_reset():
     batches = make_batches(4)
     metric = CrossEntropyDecomposition(VOCAB)
@@ -261,9 +271,10 @@ def test_two_processes_all_reduce_to_the_single_process_result(tmp_path):
     acc = accumulate(batches)
     d = acc.decompose()
     state_numel = 6 * VOCAB + 2  # stats and the two counters, packed into one all_reduce
-    # Before it, 3 numbers (vocab_size, -vocab_size, ties) in a MAX all_reduce: processes of
-    # different vocabularies raise together instead of breaking the big collective.
-    agree = [3, state_numel]
+    # Before it, a [world, 2] table (each process's vocab_size and ties_known in its own row)
+    # in a SUM all_reduce: processes of different vocabularies raise together, naming who holds
+    # which, instead of breaking the big collective.
+    agree = [2 * world_size, state_numel]
     for rank in range(world_size):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         mine = [b for i, b in enumerate(batches) if i % world_size == rank]

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -115,17 +116,25 @@ Status softmax_grad(const KernelArgs& args) {
   return s.bad_target_row >= 0 ? s : kIsas[g_active.load()].softmax_grad(args);
 }
 
+// The block steps take caller-owned buffers straight from the binding: null pointers and
+// impossible sizes are refused here, before any kernel touches them.
 void block_partials(const KernelArgs& args, Partial* slices) {
+  if (!args.target_logit || !slices || args.n_threads < 1)
+    throw std::invalid_argument("block_partials needs target_logit, slices and n_threads >= 1");
   kIsas[g_active.load()].block_partials(args, slices);
 }
 
 void fold_partials(Partial* running, const Partial* slices, int64_t n_rows, int64_t n_slices,
                    bool started, int n_threads) {
+  if (!running || !slices || n_rows < 0 || n_slices < 1 || n_threads < 1)
+    throw std::invalid_argument("fold_partials: null buffer, n_rows < 0, n_slices < 1 or n_threads < 1");
   kIsas[g_active.load()].fold_partials(running, slices, n_rows, n_slices, started, n_threads);
 }
 
 int64_t finish_partials(const Partial* running, const float* target_logit, int64_t n_rows,
                         int64_t* rank, int64_t* ties, float* logp, int n_threads) {
+  if (!running || !target_logit || !rank || !ties || !logp || n_rows < 0 || n_threads < 1)
+    throw std::invalid_argument("finish_partials: null buffer, n_rows < 0 or n_threads < 1");
   return kIsas[g_active.load()].finish_partials(running, target_logit, n_rows, rank, ties, logp,
                                                 n_threads);
 }

@@ -33,6 +33,7 @@ def run(args) -> int:  # reached only through main(), which hands lm-eval its ow
 
 def markdown_table(results: dict) -> str:
     """The rankops decomposition of each rolling task beside lm-eval's perplexities."""
+    from rankops.eval.run import cell
     head = ("| task | tokens | CE | EE | SA | Conf | EE/CE | EE magnitude share | P(0) | MRR | word ppl | byte ppl | "
             "bits/byte |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
@@ -43,8 +44,8 @@ def markdown_table(results: dict) -> str:
             v = m.get(f"{name},none")
             return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
         rows.append(f"| {task} | {r['n_tokens']} | {d['cross_entropy']:.4f} | {d['error_entropy']:.4f} | "
-                    f"{d['self_alignment']:.4f} | {d['confidence']:.4f} | {d['error_entropy_share']:.3f} | "
-                    f"{d['magnitude_shares']['error_entropy']:.3f} | {d['top1_accuracy']:.3f} | "
+                    f"{d['self_alignment']:.4f} | {d['confidence']:.4f} | {cell(d['error_entropy_share'], 3)} | "
+                    f"{cell(d['magnitude_shares']['error_entropy'], 3)} | {d['top1_accuracy']:.3f} | "
                     f"{d['mean_reciprocal_rank']:.3f} | {metric('word_perplexity')} | "
                     f"{metric('byte_perplexity')} | {metric('bits_per_byte')} |")
     return "\n".join([head] + rows)

@@ -529,6 +529,12 @@ def build_results(lm, corpus, protocol, plan, context_length, acc, timings, comp
     }
 
 
+def cell(value, digits: int) -> str:
+    """A table cell: value to `digits` decimals, or "-" where it is undefined (None in a results
+    file: a share of CE when CE is 0, a model right on every token)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(results: list) -> str:
     head = ("| model | step | corpus | tokens | CE | EE | SA | Conf | EE/CE | top-1 | MRR | ties | head |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -538,7 +544,7 @@ def markdown_table(results: list) -> str:
         step = r["model"]["step"]
         rows.append(f"| {r['model']['name']} | {'-' if step is None else step} | {r['corpus']['name']} | "
                     f"{r['n_tokens']} | {d['cross_entropy']:.4f} | {d['error_entropy']:.4f} | "
-                    f"{d['self_alignment']:.4f} | {d['confidence']:.4f} | {d['error_entropy_share']:.3f} | "
+                    f"{d['self_alignment']:.4f} | {d['confidence']:.4f} | {cell(d['error_entropy_share'], 3)} | "
                     f"{d['top1_accuracy']:.3f} | {d['mean_reciprocal_rank']:.3f} | {r['tie_rate']:.3f} | "
                     f"{r.get('head', {}).get('path', 'logits')} |")
     return "\n".join([head] + rows)

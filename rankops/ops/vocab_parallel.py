@@ -19,14 +19,16 @@ from typing import Optional
 
 import torch
 
-from rankops import distributed
+from rankops import _ext, distributed
 from rankops.ops.common import (check_flags, check_inputs, nonfinite_error, resolve_backend,
                                 row_position)
 from rankops.ops.token_stats import TokenStats, token_stats_op
 
 # The reference backend materialises [rows, V_local] temporaries: at most this many elements.
 CHUNK_ELEMENTS = 1 << 22
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+# The logits' dtype in the agreement table: the kernels' one numbering (rankops._ext), and
+# float64 (the torch backend's alone) after it.
+_DTYPE_CODES = {**_ext.DTYPE_CODES, torch.float64: len(_ext.DTYPE_CODES)}
 _NONE = float("-inf")
 
 
@@ -229,9 +231,11 @@ def _check_shards(table) -> int:
     """The shards [start, start + V_local) must tile [0, total) in some order; returns total."""
     for name, col in (("targets (number of tokens)", 3), ("vocab_size", 4),
                       ("the logits' dtype", 5), ("ignore_index", 6), ("check_finite", 7)):
-        values = sorted({row[col] for row in table})
-        if len(values) > 1:
-            raise ValueError(f"{name} differs between processes ({values}); every process must "
+        if len({row[col] for row in table}) > 1:
+            shown = ({v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()} if col == 5
+                     else {1: "True", 0: "False"} if col == 7 else {})
+            held = ", ".join(f"process {r}: {shown.get(row[col], row[col])}" for r, row in enumerate(table))
+            raise ValueError(f"{name} differs between processes ({held}); every process must "
                              "pass the same")
     shards = sorted((row[1], row[1] + row[2], r) for r, row in enumerate(table))
     end = 0
