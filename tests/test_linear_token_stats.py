@@ -458,7 +458,8 @@ def compile_kernel(fn, types, const, **options):
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
 
-ints = {"targets_ptr": "*i64", "part_gt_ptr": "*i64", "part_eq_ptr": "*i64", "part_bad_ptr": "*i32"}
+ints = {"targets_ptr": "*i64", "part_gt_ptr": "*i64", "part_eq_ptr": "*i64", "part_bad_ptr": "*i32",
+        "part_sum_ptr": "*fp64"}
 for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
     block_m, block_k, warps, stages = m.TILES[size]
     types = dict(ints, hidden_ptr="*" + dtype, weight_ptr="*" + dtype, bias_ptr="*" + dtype)

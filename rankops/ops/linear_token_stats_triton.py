@@ -12,12 +12,13 @@ very value this path computes for its column. So the same compiled kernel runs t
 same tiles, told apart by a runtime argument `count_pass` (kept out of Triton's specialisation,
 so both launches execute one binary, and a tile's instructions, inputs and accumulation order
 are identical in both: its values are bit-identical):
-  pass 0: online max / sum of exp per row (one exp2 per logit), non-finite flags, and z_t taken
-          from the tile where col == target (one program holds it; it writes z_t[row]);
+  pass 0: online max / sum of exp per row (one exp2 per logit, the tiles' sums added in fp64),
+          non-finite flags, and z_t taken from the tile where col == target (one program
+          holds it; it writes z_t[row]);
   pass 1: counts of logits > z_t and == z_t per row.
 A third small kernel merges each row's split partials in split order (log-add-exp for the sums,
 integer addition for the counts) and finishes the row exactly as token_stats' Triton kernel
-does. Extra memory: z_t and 28 bytes of partials per (row, split), O(N * V / split_cols).
+does (in fp64). Extra memory: z_t and 32 bytes of partials per (row, split), O(N * V / split_cols).
 
 Logits are rounded to the inputs' dtype (one rounding of the fp32 accumulator plus bias, as
 F.linear's epilogue does), so bf16 inputs give bf16 logits and bf16 ties, like the other
@@ -34,6 +35,9 @@ import triton
 import triton.language as tl
 
 from rankops.ops.common import triton_interpreted
+# exp(d) as exp2(d * LOG2E_HI + d * LOG2E_LO): the fp32 log2(e) alone biases logp (the
+# constants' comment in token_stats_triton; docs/DESIGN.md, "Accuracy of logp").
+from rankops.ops.token_stats_triton import LOG2E_HI, LOG2E_LO
 
 # tl.sum and tl.max are these reductions (for fp32 and int32 inputs); called directly, the
 # interpreter runs them as numpy sums instead of re-entering a jit function per call.
@@ -43,7 +47,6 @@ _max_combine = tl.standard._elementwise_max
 SPLIT_COLS = 16384   # default vocabulary columns per program (the public block_size)
 BLOCK_N = 128        # split_cols must be a multiple: tiles never straddle two programs
 # Globals a kernel reads must be tl.constexpr instances (a compiled kernel refuses others).
-LOG2E = tl.constexpr(1.4426950408889634)
 # What a split saw, as bits (the same as token_stats_triton's): the finish needs them to follow
 # docs/DESIGN.md, logsumexp = NaN if any value is NaN, else +inf if any is +inf.
 SAW_NAN = tl.constexpr(1)
@@ -76,7 +79,9 @@ def _tiles_kernel(hidden_ptr, stride_hm, stride_hk, weight_ptr, stride_wn, strid
     ks0 = tl.arange(0, BLOCK_K)
     h_rows = hidden_ptr + rows[:, None] * stride_hm        # [BLOCK_M, 1] pointers, int64 offsets
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_M,), tl.float32)
+    # Each tile's sum is added to an fp64 running sum: in fp32 the later tiles' small sums
+    # would lose their low bits to the large running value, always downwards (a bias).
+    s = tl.zeros((BLOCK_M,), tl.float64)
     bad = tl.zeros((BLOCK_M,), tl.int32)
     z_t_found = tl.full((BLOCK_M,), -0.0, tl.float32)     # -0.0: see the sum below
     gt = tl.zeros((BLOCK_M,), tl.int32)
@@ -134,8 +139,10 @@ def _tiles_kernel(hidden_ptr, stride_hm, stride_hk, weight_ptr, stride_wn, strid
             # An all -inf prefix leaves m_new = -inf: shift by 0 so that no inf - inf appears.
             # Subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp2((m - shift) * LOG2E) + \
-                tl.reduce(tl.exp2((x - shift[:, None]) * LOG2E), 1, _sum_combine)
+            d = x - shift[:, None]
+            d_old = m - shift
+            tile = tl.reduce(tl.exp2(d * LOG2E_HI + d * LOG2E_LO), 1, _sum_combine)
+            s = s * tl.exp2(d_old * LOG2E_HI + d_old * LOG2E_LO).to(tl.float64) + tile.to(tl.float64)
             m = m_new
             # z_t from this very tile: at most one column of a row matches in this program,
             # every other addend is -0.0, the identity of IEEE addition (x + -0.0 = x for
@@ -171,14 +178,16 @@ def _finish_kernel(targets_ptr, target_logit_ptr, part_max_ptr, part_sum_ptr, pa
     t = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
     keep = row_in & (t != ignore_index) & (t >= 0) & (t < n_cols)
     z_t = tl.load(target_logit_ptr + rows, mask=keep, other=0.0)
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_R,), tl.float32)
+    # The merge and the final combination in fp64: in fp32, m + log(s) and z_t - lse would each
+    # round at the scale of the logits (as in token_stats_triton's finish).
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float64)
+    s = tl.zeros((BLOCK_R,), tl.float64)
     gt = tl.zeros((BLOCK_R,), tl.int64)
     eq = tl.zeros((BLOCK_R,), tl.int64)
     bad = tl.zeros((BLOCK_R,), tl.int32)
     for sl in range(0, n_splits):  # fixed order: the result never depends on scheduling
         i = rows * n_splits + sl
-        pm = tl.load(part_max_ptr + i, mask=keep, other=float("-inf"))
+        pm = tl.load(part_max_ptr + i, mask=keep, other=float("-inf")).to(tl.float64)
         m_new = tl.maximum(m, pm)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf
         s = s * tl.exp(m - shift) + tl.load(part_sum_ptr + i, mask=keep, other=0.0) * tl.exp(pm - shift)
@@ -192,7 +201,7 @@ def _finish_kernel(targets_ptr, target_logit_ptr, part_max_ptr, part_sum_ptr, pa
     lse = m + tl.log(tl.where(keep, s, 1.0))
     lse = tl.where((bad & SAW_POS_INF) != 0, float("inf"), lse)
     lse = tl.where((bad & SAW_NAN) != 0, float("nan"), lse)
-    logp = z_t - lse
+    logp = (z_t.to(tl.float64) - lse).to(tl.float32)
     tl.store(rank_ptr + rows, tl.where(keep, gt, -1), mask=row_in)
     tl.store(ties_ptr + rows, tl.where(keep, ties, 0), mask=row_in)
     tl.store(logp_ptr + rows, tl.where(keep, logp, 0.0), mask=row_in)
@@ -218,7 +227,7 @@ def launch(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tens
                          "per row block, over the 65535 a launch allows; use a larger block_size")
     target_logit = torch.full((n_rows,), float("nan"), dtype=torch.float32, device=device)
     part_max = torch.empty(n_rows * n_splits, dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
+    part_sum = torch.empty(n_rows * n_splits, dtype=torch.float64, device=device)
     part_bad = torch.empty(n_rows * n_splits, dtype=torch.int32, device=device)
     part_gt = torch.empty(n_rows * n_splits, dtype=torch.int64, device=device)
     part_eq = torch.empty_like(part_gt)
