@@ -341,6 +341,8 @@ def test_checkpoint_series_in_one_command(tokenizer, tmp_path):
     steps = sorted(json.loads(p.read_text())["model"]["step"] for p in (tmp_path / "out").glob("*/*/results.json"))
     assert steps == [100, 2000]
     assert "| checkpoint-100 | 100 |" in r.stdout and "| checkpoint-2000 | 2000 |" in r.stdout
+    # --no-progress silences transformers' own bars too ("Loading weights: 100%|...").
+    assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
 
 
 def test_any_callable_returning_logits(tokenizer, corpus):

@@ -191,6 +191,9 @@ def _evaluate_all(args, processes, on_checkpoint) -> int:
     from rankops.eval.windows import Protocol
 
     rank, distributed = processes.world.rank, processes.world.size > 1
+    if args.no_progress:  # transformers' own bars too ("Loading weights", "Writing model shards")
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         protocol = Protocol(n_documents=args.n_documents, seed=args.seed, context_length=args.context_length,
                             stride=args.stride, add_bos=not args.no_bos, max_tokens=args.max_tokens,
