@@ -48,6 +48,8 @@ from rankops.fit import fit_power_law, fit_saturating
 from rankops.plot import plot_all
 from rankops.scaling import final_points, load_results, markdown, models_markdown, model_rows, scaling_tables
 
+from mini_scaling import SEQ, training_steps  # study/, beside this script
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "ladder"
 
@@ -57,8 +59,7 @@ LADDER = [(24, 2, 2, 64), (32, 2, 2, 96), (40, 3, 2, 104), (56, 3, 4, 152), (72,
           (96, 4, 4, 256)]
 CHECKPOINTED = (3, 5)     # sizes whose training checkpoints are evaluated too (seed 0)
 SEEDS = (0, 1, 2)
-VOCAB = 1024
-SEQ = 128
+VOCAB = 1024              # SEQ, the window length, is mini_scaling's: 128 tokens
 BATCH = 16                # sequences per step: 2048 tokens
 TOKENS_PER_PARAM = 20
 HELD_OUT = 0.1            # of each evaluated corpus's documents
@@ -166,7 +167,7 @@ def token_stream(train, tokenizer) -> torch.Tensor:
     for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         ids.append(tokenizer.bos_token_id)
         ids.extend(enc)
-    return torch.tensor(ids, dtype=torch.int32)
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 # -- training ---------------------------------------------------------------------------
@@ -187,29 +188,17 @@ def non_embedding(model) -> int:
 
 
 def train(size, tokenizer, stream, seed: int, steps: int, save_at, out: Path, device: str):
-    """AdamW, 5% linear warm-up then cosine decay to zero, gradients clipped at 1; random
-    SEQ-token windows of the stream, drawn from a generator seeded by `seed` (so a seed fixes
-    both the initialisation and the data order). Saves the model at each step in save_at."""
+    """mini_scaling.training_steps: AdamW, 5% linear warm-up then cosine decay to zero,
+    gradients clipped at 1, random SEQ-token windows of the stream; a seed fixes both the
+    initialisation and the data order. Saves the model at each step in save_at."""
     model = make_model(size, tokenizer, seed).to(device)
     # A step size falling as 1/width (as muP prescribes for hidden weights): the short schedules
     # of the small models want a large one (width 24: 0.02 ends 0.46 nats below 0.003).
     lr = min(2e-2, 1e-2 * 48 / size[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(1000 + seed)
-    model.train()
     losses = []
-    for step in range(1, steps + 1):
-        starts = torch.randint(0, len(stream) - SEQ - 1, (BATCH,), generator=g)
-        x = torch.stack([stream[s:s + SEQ] for s in starts]).long().to(device)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    # The miniature study's loop (its schedule, clipping and window sampling), its data drawn
+    # from a generator seeded 1000 + seed.
+    for step, loss in training_steps(model, stream, steps, BATCH, lr, 1000 + seed, device):
         losses.append(loss.item())
         if step in save_at:
             model.save_pretrained(out / f"checkpoint-{step}")
@@ -366,13 +355,16 @@ def main():
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
     p.add_argument("--no-pretrained", action="store_true", help="skip SmolLM2 and Gemma 3")
     p.add_argument("--work", default=str(HERE / "work" / "ladder"), help="models (not committed)")
-    p.add_argument("--quick", action="store_true", help="a 2-size, 1-seed smoke run (minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="a 2-size, 1-seed smoke run (a minute), written to WORK/quick unless --out")
+    p.add_argument("--out", help="results folder (default: study/ladder, whose contents a run replaces)")
     p.add_argument("--analyse-only", action="store_true",
                    help="no training: recompute the fits, intervals, tables and figures from the "
                         "committed results (run.json, doc_states.npz, results/)")
     args = p.parse_args()
+    out = Path(args.out) if args.out else (Path(args.work) / "quick" if args.quick else OUT)
     if args.analyse_only:
-        analyse(args.bootstrap)
+        analyse(out, args.bootstrap)
         return
     started = time.monotonic()
     work = Path(args.work)
@@ -381,9 +373,9 @@ def main():
     seeds, checkpointed = SEEDS, CHECKPOINTED
     if args.quick:
         ladder, seeds, checkpointed = ladder[:2], (0,), (1,)
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    results_dir = OUT / "results"
+    if out.exists():
+        shutil.rmtree(out)
+    results_dir = out / "results"
 
     print("corpora: fetching and splitting", flush=True)
     train_c, held = corpora()
@@ -430,7 +422,7 @@ def main():
             lm = load_model(spec, device=args.device)
             for corpus in held:
                 evaluate(lm, corpus, Protocol(context_length=2048, n_documents=10 ** 6, max_tokens=PRETRAINED_TOKENS),
-                         output_path=str(OUT / "pretrained"), progress=False, max_batch_tokens=8192)
+                         output_path=str(out / "pretrained"), progress=False, max_batch_tokens=8192)
             print(f"{spec}: evaluated in {time.monotonic() - t0:.0f} s", flush=True)
             del lm
 
@@ -442,28 +434,28 @@ def main():
              "held_out": {c.name: {"documents": len(c), "kind": c.kind, "license": c.license,
                                    "tokens": int(states[min(states)][c.name][:, 0].sum())} for c in held},
              "minutes_to_train_and_evaluate": round((time.monotonic() - started) / 60, 1)}
-    OUT.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT / "doc_states.npz", **{f"{i}-{seed}-{c}": a for (i, seed), per in states.items()
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "doc_states.npz", **{f"{i}-{seed}-{c}": a for (i, seed), per in states.items()
                                                    for c, a in per.items()})
-    write_atomic(OUT / "run.json", (json.dumps({"setup": setup, "models": models}, indent=1) + "\n").encode())
-    analyse(args.bootstrap)
+    write_atomic(out / "run.json", (json.dumps({"setup": setup, "models": models}, indent=1) + "\n").encode())
+    analyse(out, args.bootstrap)
     print(f"done in {(time.monotonic() - started) / 60:.1f} min")
 
 
-def analyse(n_resamples: int) -> dict:
-    """Everything after the models: from OUT's results, run.json and doc_states.npz (what a run
+def analyse(out: Path, n_resamples: int) -> dict:
+    """Everything after the models: from out's results, run.json and doc_states.npz (what a run
     leaves), the fits, intervals, summary.json, tables.md and figures/. `--analyse-only` runs
     this alone on the committed data."""
-    run = json.loads((OUT / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())
     setup, models = run["setup"], run["models"]
-    with np.load(OUT / "doc_states.npz") as npz:
+    with np.load(out / "doc_states.npz") as npz:
         states = {}
         for key in npz.files:
             i, seed, corpus = key.split("-", 2)
             states.setdefault((int(i), int(seed)), {})[corpus] = npz[key]
     params = {(m["size"], m["seed"]): m["non_embedding_parameters"] for m in models}
     held = sorted(setup["held_out"])
-    results = load_results([str(OUT / "results")])
+    results = load_results([str(out / "results")])
     # The parameter counts rankops eval recorded are the ones fitted here too.
     recorded = {r["model"]["name"]: r["model"]["n_parameters"]["non_embedding"] for r in results}
     assert all(recorded[f"{m['name']}-step{m['steps']}"] == m["non_embedding_parameters"] for m in models)
@@ -487,8 +479,8 @@ def analyse(n_resamples: int) -> dict:
                       "converged": fit.converged}
         fits[c] = dict(f, kind=setup["held_out"][c]["kind"], saturating=sat, intervals=intervals[c])
     pretrained = []
-    if (OUT / "pretrained").exists():
-        for r in load_results([str(OUT / "pretrained")]):
+    if (out / "pretrained").exists():
+        for r in load_results([str(out / "pretrained")]):
             d = r["decomposition"]
             pretrained.append({"model": r["model"]["name"], "family": r["model"]["family"],
                                "non_embedding_parameters": r["model"]["n_parameters"]["non_embedding"],
@@ -497,17 +489,17 @@ def analyse(n_resamples: int) -> dict:
     summary = {"setup": dict(setup, bootstrap_resamples=n_resamples), "models": models, "fits": fits,
                "pretrained": pretrained}
     text = tables(summary)
-    write_atomic(OUT / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
-    write_atomic(OUT / "tables.md", "\n\n".join([text, "rankops fit on the final models:", fit_text,
+    write_atomic(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    write_atomic(out / "tables.md", "\n\n".join([text, "rankops fit on the final models:", fit_text,
                                                  finals_text]).encode() + b"\n")
-    figures = OUT / "figures"
+    figures = out / "figures"
     if figures.exists():
         shutil.rmtree(figures)
     plot_all(results, str(figures))
     # One panel per model and corpus is too many at 18 models: the rank distributions and P
     # against Q show seed 0's final models only (every size, every corpus).
     seed0 = [r for r in final_points(results) if "-s0-" in r["model"]["name"]]
-    tmp = OUT / ".seed0-figures"
+    tmp = out / ".seed0-figures"
     plot_all(seed0, str(tmp))
     for name in ("rank_distribution", "p_vs_q"):
         for ext in ("png", "pdf"):
