@@ -368,8 +368,9 @@ def main():
         return
     started = time.monotonic()
     work = Path(args.work)
-    ladder = [(max(8, int(round(w * math.sqrt(args.scale) / h)) * h), l, h, max(8, int(f * math.sqrt(args.scale))))
-              for w, l, h, f in LADDER]
+    # Widths stay multiples of 2 x heads: rotary embeddings want an even head size.
+    ladder = [(max(2 * h, int(round(w * math.sqrt(args.scale) / (2 * h))) * 2 * h), l, h,
+               max(8, int(f * math.sqrt(args.scale)))) for w, l, h, f in LADDER]
     seeds, checkpointed = SEEDS, CHECKPOINTED
     if args.quick:
         ladder, seeds, checkpointed = ladder[:2], (0,), (1,)
