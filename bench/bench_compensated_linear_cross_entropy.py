@@ -20,20 +20,15 @@ hidden and weight, which every candidate returns, included).
 Rows are appended as JSONL to bench/results/compensated_linear_cross_entropy_cpu.jsonl.
 """
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import rankops
-from rankops.bench import host_peak_extra_mb
-from rankops import _ext
+from rankops.bench import environment, host_peak_extra_mb, time_interleaved
 
 SHAPES = [(4096, 576, 49152)]  # (N, D, V): a SmolLM-135M-sized output layer, 4096 tokens
 QUICK_SHAPES = [(512, 64, 20000)]
@@ -66,7 +61,7 @@ def run_case(dtype_name, n, d, v, rounds):
         "linear": fwd_bwd(lambda: rankops.compensated_linear_cross_entropy(
             hidden, weight, targets, LAM, backend="cpu")),
     }
-    want, got = fns["baseline"](), fns["linear"]()  # the check (and the warm-up)
+    want, got = fns["baseline"](), fns["linear"]()  # the check (time_interleaved warms each up again)
     grad_tol = 1e-3 if dtype == torch.float32 else 2e-2
     loss_err = abs(float(got[0]) - float(want[0])) / abs(float(want[0]))
     grad_err = [float((a.double() - b.double()).abs().max() / b.double().abs().max())
@@ -74,20 +69,11 @@ def run_case(dtype_name, n, d, v, rounds):
     assert loss_err < 1e-4, loss_err
     assert max(grad_err) < grad_tol, grad_err
     del want, got
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = time_interleaved(fns, rounds, "cpu")
     peak = {name: host_peak_extra_mb(fns[name]) for name in fns}
     logits_mb = n * v * hidden.element_size() / 2 ** 20
-    ms = {name: statistics.median(t) for name, t in times.items()}
     row = dict(
-        date=datetime.date.today().isoformat(), device="cpu", processor=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), cpu_isa=_ext.cpu_isa(), torch=torch.__version__,
-        rankops=rankops.__version__, python=platform.python_version(),
-        op="compensated_linear_cross_entropy", what="forward+backward (grads of hidden, weight)",
+        environment("cpu"), device="cpu", op="compensated_linear_cross_entropy", what="forward+backward (grads of hidden, weight)",
         lam=LAM, dtype=dtype_name, N=n, D=d, V=v, rounds=rounds,
         ms_ce=round(ms["ce"], 1), ms_baseline=round(ms["baseline"], 1), ms_linear=round(ms["linear"], 1),
         time_ratio_vs_baseline=round(ms["linear"] / ms["baseline"], 3),

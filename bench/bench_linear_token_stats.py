@@ -29,20 +29,15 @@ one call over the allocated memory before it.
 Rows are appended as JSONL to bench/results/linear_token_stats_{cpu,gpu}.jsonl.
 """
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import rankops
-from rankops.bench import host_peak_extra_mb
-from rankops import _ext
+from rankops.bench import environment, host_peak_extra_mb, time_interleaved
 
 SHAPES = [(8192, 640, 262144), (8192, 576, 49152)]  # (N, D, V): the issue's two cases
 QUICK_SHAPES = [(512, 64, 40000), (256, 96, 70000)]
@@ -62,25 +57,17 @@ def run_case(dtype_name, n, d, v, rounds):
         "baseline": lambda: rankops.token_stats(F.linear(hidden, weight), targets, backend="cpu"),
         "linear": lambda: rankops.linear_token_stats(hidden, weight, targets, backend="cpu"),
     }
-    want, got = fns["baseline"](), fns["linear"]()  # the check (and the warm-up)
+    want, got = fns["baseline"](), fns["linear"]()  # the check (time_interleaved warms each up again)
     mismatch = float((got.rank != want.rank).float().mean())
     logp_err = float((got.logp - want.logp).abs().max())
     assert mismatch < 0.01 and float((got.ties != want.ties).float().mean()) < 0.01, mismatch
     assert logp_err < 1e-3, logp_err
     del want, got
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = time_interleaved(fns, rounds, "cpu")
     peak = {name: host_peak_extra_mb(fns[name]) for name in ("baseline", "linear")}
     logits_mb = n * v * hidden.element_size() / 2 ** 20
-    ms = {name: statistics.median(t) for name, t in times.items()}
     row = dict(
-        date=datetime.date.today().isoformat(), device="cpu", processor=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), cpu_isa=_ext.cpu_isa(), torch=torch.__version__,
-        rankops=rankops.__version__, python=platform.python_version(), op="linear_token_stats",
+        environment("cpu"), device="cpu", op="linear_token_stats",
         dtype=dtype_name, N=n, D=d, V=v, rounds=rounds,
         ms_matmul=round(ms["matmul"], 2), ms_baseline=round(ms["baseline"], 2), ms_linear=round(ms["linear"], 2),
         time_ratio_vs_baseline=round(ms["linear"] / ms["baseline"], 3),
@@ -141,7 +128,7 @@ def run_case_gpu(dtype_name, n, d, v, rounds):
     for name, loss in losses.items():
         fns[name] = (lambda loss=loss: loss(hidden, weight, targets))
     with torch.no_grad():
-        want, got = fns["baseline"](), fns["triton"]()  # the check (and the warm-up)
+        want, got = fns["baseline"](), fns["triton"]()  # the check (time_interleaved warms each up again)
         mismatch = float((got.rank != want.rank).float().mean())
         logp_err = float((got.logp - want.logp).abs().max())
         ce = float(-want.logp.double().mean())
@@ -158,24 +145,11 @@ def run_case_gpu(dtype_name, n, d, v, rounds):
                 continue
             assert loss_err[name] < 1e-2, (name, loss_err[name])
         del want, got
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                stop.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(stop))
+        ms = time_interleaved(fns, rounds, "cuda")
         peak = {name: peak_extra_mb_cuda(fn) for name, fn in fns.items() if name != "matmul"}
     logits_mb = n * v * hidden.element_size() / 2 ** 20
-    ms = {name: statistics.median(t) for name, t in times.items()}
-    props = torch.cuda.get_device_properties(dev)
-    import triton
     row = dict(
-        date=datetime.date.today().isoformat(), device="cuda", gpu=props.name,
-        torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
-        rankops=rankops.__version__, python=platform.python_version(), op="linear_token_stats",
+        environment("cuda"), device="cuda", op="linear_token_stats",
         dtype=dtype_name, N=n, D=d, V=v, rounds=rounds, logits_mb=round(logits_mb, 1),
         rank_mismatch_rate=mismatch, logp_max_abs_diff=logp_err,
         **{f"ms_{name}": round(t, 3) for name, t in ms.items()},
