@@ -12,7 +12,6 @@ numbers land in study/compensated/results.json, the figure in study/compensated/
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -113,7 +112,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     train, heldout = split_kjv()
-    tokenizer = train_tokenizer(train, Path(args.work) / "tokenizer")
+    tokenizer = train_tokenizer(train.documents, Path(args.work) / "tokenizer")
     stream = token_stream(train, tokenizer)
     eval_batches = heldout_batches(heldout, tokenizer, args.eval_tokens, batch=16)
     runs = []

@@ -48,7 +48,7 @@ from rankops.fit import fit_power_law, fit_saturating
 from rankops.plot import plot_all
 from rankops.scaling import final_points, load_results, markdown, models_markdown, model_rows, scaling_tables
 
-from mini_scaling import SEQ, training_steps  # study/, beside this script
+from mini_scaling import SEQ, train_tokenizer, training_steps  # study/, beside this script
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "ladder"
@@ -143,21 +143,6 @@ def corpora(seed: int = 0):
     return train, held
 
 
-def train_tokenizer(train, path: Path):
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((d for c in train for d in c.documents), trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="</s>")
-    fast.save_pretrained(path)
-    return fast
-
-
 def token_stream(train, tokenizer) -> torch.Tensor:
     """Every training document, BOS first, one after another; the documents in a seeded order
     so no corpus sits in one block."""
@@ -243,7 +228,7 @@ def evaluate_model(path: Path, name: str, held, results: Path, device: str, per_
 # -- fits and intervals -------------------------------------------------------------------
 
 def components(count: np.ndarray, sum_logp: np.ndarray) -> dict:
-    d = decompose_counts(count, np.minimum(sum_logp, 0.0))
+    d = decompose_counts(count, sum_logp)
     return {"CE": d.cross_entropy, "EE": d.error_entropy, "SA": d.self_alignment, "Conf": d.confidence}
 
 
@@ -384,7 +369,7 @@ def main():
         print(f"  train {c.name}: {len(c)} documents, {sum(map(len, c.documents)) / 1e6:.1f} M chars")
     for c in held:
         print(f"  held out {c.name}: {len(c)} documents, {sum(map(len, c.documents)) / 1e6:.2f} M chars")
-    tokenizer = train_tokenizer(train_c, work / "tokenizer")
+    tokenizer = train_tokenizer((d for c in train_c for d in c.documents), work / "tokenizer", VOCAB)
     stream = token_stream(train_c, tokenizer)
     print(f"tokenizer: {len(tokenizer)} words; training stream {len(stream):,} tokens "
           f"({time.monotonic() - started:.0f} s)", flush=True)

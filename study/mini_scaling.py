@@ -46,15 +46,17 @@ def split_kjv(seed=0, held_out=0.05):
     return train, test
 
 
-def train_tokenizer(train: Corpus, path: Path):
+def train_tokenizer(documents, path: Path, vocab_size: int = VOCAB):
+    """A byte-level BPE of vocab_size words (with <s> and </s>) trained on documents, in their
+    order; saved to path as a transformers tokenizer."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(train.documents, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(documents, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 pad_token="</s>")
     fast.save_pretrained(path)
@@ -127,7 +129,7 @@ def main():
     started = time.monotonic()
     train, heldout = split_kjv()
     austen = load_corpus("austen")
-    tokenizer = train_tokenizer(train, work / "tokenizer")
+    tokenizer = train_tokenizer(train.documents, work / "tokenizer")
     stream = token_stream(train, tokenizer)
     print(f"tokenizer: {len(tokenizer)} tokens; training stream {len(stream)} tokens; each model sees "
           f"{args.steps * args.batch * SEQ} tokens", flush=True)
