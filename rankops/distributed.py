@@ -36,3 +36,25 @@ def all_reduce_tensor(x: torch.Tensor, op: str, group, device: torch.device) -> 
     buf = x.to(comm_device(group, device))
     td.all_reduce(buf, op=td.ReduceOp.SUM if op == "sum" else td.ReduceOp.MAX, group=group)
     return buf.to(device)
+
+
+def exchange_rows(row, width: int, group, device: torch.device) -> list:
+    """Every process's row of `width` integers, as a list of rows indexed by process: each
+    process puts its row (None: zeros) into a [world, width] table of zeros and the table is
+    summed over the group, O(world) values and no all-gather. Every process then checks the same
+    table, so all of them agree on whether to raise."""
+    td = dist()
+    table = torch.zeros(td.get_world_size(group), width, dtype=torch.int64)
+    if row is not None:
+        table[td.get_rank(group)] = torch.tensor(row, dtype=torch.int64)
+    return all_reduce_tensor(table, "sum", group, device).tolist()
+
+
+def check_same(table: list, col: int, message: str, shown=None) -> None:
+    """Raises ValueError(message.format(held=...)) where column col of exchange_rows' table
+    differs between processes, held naming each process's value ("process 0: 1000, process
+    1: 999"); shown maps a value to its display (default: the value itself)."""
+    if len({row[col] for row in table}) > 1:
+        shown = shown or {}
+        raise ValueError(message.format(held=", ".join(f"process {r}: {shown.get(row[col], row[col])}"
+                                                       for r, row in enumerate(table))))

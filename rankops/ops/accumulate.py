@@ -130,21 +130,13 @@ def decompose_state(stats: torch.Tensor, n_skipped: torch.Tensor, ties: str = "s
 def all_reduce_state(stats, n_tied, n_skipped, group, ties_known: bool = True):
     """The state summed over a torch.distributed group with one int64 all-reduce of the packed
     state (never an all-gather); returns new (stats, n_tied, n_skipped) on stats' device and
-    whether ties are known on every process. A small all-reduce of a [world, 2] table first
-    checks that every process has the same vocabulary, so a mismatch raises on every process instead of breaking
-    the collective. Every lo word is in [0, 2^32) before the sum, so the int64 sum cannot
-    overflow below 2^31 processes."""
-    from rankops.distributed import all_reduce_tensor, dist
-    vocab_size = stats.shape[1]
-    # Each process's vocab_size and ties_known in its own row of a [world, 2] table summed over
-    # the group (O(world) values): every process then sees who holds what.
-    me, world = dist().get_rank(group), dist().get_world_size(group)
-    table = torch.zeros(world, 2, dtype=torch.int64)
-    table[me] = torch.tensor([vocab_size, int(ties_known)])
-    table = all_reduce_tensor(table, "sum", group, stats.device).tolist()
-    if len({v for v, _ in table}) > 1:
-        held = ", ".join(f"process {r}: {v}" for r, (v, _) in enumerate(table))
-        raise ValueError(f"vocab_size differs between processes ({held}): every process must "
+    whether ties are known on every process. Each process's vocab_size (and ties_known) first
+    go through a small [world, 2] table (distributed.exchange_rows), so a mismatch raises on
+    every process, naming each one's, instead of breaking the collective. Every lo word is in
+    [0, 2^32) before the sum, so the int64 sum cannot overflow below 2^31 processes."""
+    from rankops.distributed import all_reduce_tensor, check_same, exchange_rows
+    table = exchange_rows([stats.shape[1], int(ties_known)], 2, group, stats.device)
+    check_same(table, 0, "vocab_size differs between processes ({held}): every process must "
                          "accumulate the same vocabulary")
     flat = torch.cat([stats.reshape(-1), n_tied.reshape(1), n_skipped.reshape(1)])
     total = all_reduce_tensor(flat, "sum", group, stats.device)

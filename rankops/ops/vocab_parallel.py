@@ -61,7 +61,7 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
         ...                                        targets, vocab_start=25152 * rank, vocab_size=50277)
     """
     dist = distributed.dist()
-    me, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     local_error = _local_error
     try:
         check_flags(check_finite, True)
@@ -81,14 +81,12 @@ def token_stats_vocab_parallel(local_logits: torch.Tensor, targets: torch.Tensor
     # be anywhere, the meta device included); nccl needs the same device everywhere.
     device = local_logits.device if local_error is None else torch.device("cpu")
 
-    # 1. Every process's shard and arguments, one row each (SUM of a [world, 8] table of zeros
-    # and own rows: O(world) values). Everyone then checks the same table and agrees.
-    table = torch.zeros(world, 8, dtype=torch.int64)
-    if local_error is None:
-        table[me] = torch.tensor([1, vocab_start, local_logits.shape[-1], targets.numel(),
-                                  -1 if vocab_size is None else vocab_size,
-                                  _DTYPE_CODES[local_logits.dtype], ignore_index, int(check_finite)])
-    table = distributed.all_reduce_tensor(table, "sum", group, device).tolist()
+    # 1. Every process's shard and arguments, one row each (zeros where they failed: column 0
+    # says which did). Everyone then checks the same table and agrees.
+    row = None if local_error is not None else [
+        1, vocab_start, local_logits.shape[-1], targets.numel(), -1 if vocab_size is None else vocab_size,
+        _DTYPE_CODES[local_logits.dtype], ignore_index, int(check_finite)]
+    table = distributed.exchange_rows(row, 8, group, device)
     if local_error is not None:
         raise local_error
     failed = [r for r in range(world) if table[r][0] == 0]
@@ -231,12 +229,10 @@ def _check_shards(table) -> int:
     """The shards [start, start + V_local) must tile [0, total) in some order; returns total."""
     for name, col in (("targets (number of tokens)", 3), ("vocab_size", 4),
                       ("the logits' dtype", 5), ("ignore_index", 6), ("check_finite", 7)):
-        if len({row[col] for row in table}) > 1:
-            shown = ({v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()} if col == 5
-                     else {1: "True", 0: "False"} if col == 7 else {})
-            held = ", ".join(f"process {r}: {shown.get(row[col], row[col])}" for r, row in enumerate(table))
-            raise ValueError(f"{name} differs between processes ({held}); every process must "
-                             "pass the same")
+        shown = ({v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()} if col == 5
+                 else {1: "True", 0: "False"} if col == 7 else None)
+        distributed.check_same(table, col, name + " differs between processes ({held}); every process "
+                               "must pass the same", shown)
     shards = sorted((row[1], row[1] + row[2], r) for r, row in enumerate(table))
     end = 0
     for start, stop, r in shards:
