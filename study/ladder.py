@@ -46,7 +46,7 @@ from rankops.eval.run import batches, evaluate
 from rankops.eval.windows import Protocol, collate, plan_windows
 from rankops.fit import fit_power_law, fit_saturating
 from rankops.plot import plot_all
-from rankops.scaling import final_points, load_results, markdown, models_markdown, model_rows, scaling_tables
+from rankops.scaling import COMPONENTS, final_points, load_results, markdown, models_markdown, model_rows, scaling_tables
 
 from mini_scaling import SEQ, train_tokenizer, training_steps  # study/, beside this script
 
@@ -67,8 +67,6 @@ HELD_OUT_CHARS = 250_000  # at most this much held-out text per corpus is evalua
 GCIDE_CHARS = 12_000_000  # of the dictionary's 40 MB, so it does not swamp the other corpora
 PRETRAINED = ("smollm2", "gemma3-270m")
 PRETRAINED_TOKENS = 10_000
-COMPONENTS = (("CE", "cross_entropy"), ("EE", "error_entropy"), ("SA", "self_alignment"),
-              ("Conf", "confidence"))
 
 
 # -- the text -----------------------------------------------------------------------------
@@ -229,12 +227,12 @@ def evaluate_model(path: Path, name: str, held, results: Path, device: str, per_
 
 def components(count: np.ndarray, sum_logp: np.ndarray) -> dict:
     d = decompose_counts(count, sum_logp)
-    return {"CE": d.cross_entropy, "EE": d.error_entropy, "SA": d.self_alignment, "Conf": d.confidence}
+    return {k: getattr(d, key) for k, key, _ in COMPONENTS}
 
 
 def power_fits(x, values: dict) -> dict:
     """alpha and R^2 per component, as `rankops fit` computes them (Conf as log|Conf|)."""
-    fits = {k: fit_power_law(x, values[k], name=k, log_abs=(k == "Conf")) for k, _ in COMPONENTS}
+    fits = {k: fit_power_law(x, values[k], name=k, log_abs=log_abs) for k, _, log_abs in COMPONENTS}
     share = np.asarray(values["EE"]) / np.asarray(values["CE"])
     slope = float(np.polyfit(np.log10(x), share, 1)[0])
     return {"alpha": {k: f.alpha for k, f in fits.items()},
@@ -261,7 +259,7 @@ def bootstrap(states: dict, params: dict, n_resamples: int, seed: int = 0) -> di
         for c in corpora_:
             n_docs = states[picks[0]][c].shape[0]
             w = np.bincount(rng.integers(0, n_docs, n_docs), minlength=n_docs).astype(np.float64)
-            values = {k: [] for k, _ in COMPONENTS}
+            values = {k: [] for k, _, _ in COMPONENTS}
             for run in picks:
                 s = states[run][c]
                 comp = components(np.rint(w @ s[:, 0]).astype(np.int64), w @ s[:, 1])
@@ -274,8 +272,8 @@ def bootstrap(states: dict, params: dict, n_resamples: int, seed: int = 0) -> di
             v = np.array([get(r) for r in rows])
             return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
         out[c] = {
-            "alpha": {k: interval(lambda r, k=k: r["alpha"][k]) for k, _ in COMPONENTS},
-            "r_squared": {k: interval(lambda r, k=k: r["r_squared"][k]) for k, _ in COMPONENTS},
+            "alpha": {k: interval(lambda r, k=k: r["alpha"][k]) for k, _, _ in COMPONENTS},
+            "r_squared": {k: interval(lambda r, k=k: r["r_squared"][k]) for k, _, _ in COMPONENTS},
             "scaling_difference": {k: interval(lambda r, k=k: r["scaling_difference"][k]) for k in ("EE", "SA", "Conf")},
             "r_squared_EE_minus_CE": interval(lambda r: r["r_squared_EE_minus_CE"]),
             "ee_share_slope_per_decade": interval(lambda r: r["ee_share_slope_per_decade"]),
@@ -296,13 +294,13 @@ def tables(summary: dict) -> str:
     for c, f in summary["fits"].items():
         ci = f["intervals"]
         out.append(f"| {c} | {f['kind']} | " + " | ".join(
-            fmt_ci(f["r_squared"][k], ci["r_squared"][k]) for k, _ in COMPONENTS) +
+            fmt_ci(f["r_squared"][k], ci["r_squared"][k]) for k, _, _ in COMPONENTS) +
             f" | {fmt_ci(f['r_squared_EE_minus_CE'], ci['r_squared_EE_minus_CE'])} |")
     out += ["", "| corpus | alpha CE | alpha EE | alpha SA | alpha Conf | EE/CE per decade |",
             "|---|---|---|---|---|---|"]
     for c, f in summary["fits"].items():
         ci = f["intervals"]
-        out.append(f"| {c} | " + " | ".join(fmt_ci(f["alpha"][k], ci["alpha"][k], 4) for k, _ in COMPONENTS) +
+        out.append(f"| {c} | " + " | ".join(fmt_ci(f["alpha"][k], ci["alpha"][k], 4) for k, _, _ in COMPONENTS) +
                    f" | {fmt_ci(f['ee_share_slope_per_decade'], ci['ee_share_slope_per_decade'], 4)} |")
     out += ["", "Scaling difference |alpha_M - alpha_CE|", "", "| corpus | EE | SA | Conf |", "|---|---|---|---|"]
     for c, f in summary["fits"].items():
@@ -323,7 +321,7 @@ def tables(summary: dict) -> str:
         by.setdefault(m["size"], []).append(m)
     for size, ms in sorted(by.items()):
         for c in summary["fits"]:
-            v = {k: np.mean([m["corpora"][c][k] for m in ms]) for k, _ in COMPONENTS}
+            v = {k: np.mean([m["corpora"][c][k] for m in ms]) for k, _, _ in COMPONENTS}
             out.append(f"| {size} | {ms[0]['non_embedding_parameters']:,} | {ms[0]['tokens_trained']:,} | "
                        f"{ms[0]['epochs']:.2f} | {c} | {v['CE']:.4f} | {v['EE']:.4f} | {v['SA']:.4f} | "
                        f"{v['Conf']:.4f} | {v['EE'] / v['CE']:.3f} |")
@@ -456,7 +454,7 @@ def analyse(out: Path, n_resamples: int) -> dict:
     fits = {}
     for c in held:
         values = {k: [next(m for m in models if (m["size"], m["seed"]) == r)["corpora"][c][k] for r in runs]
-                  for k, _ in COMPONENTS}
+                  for k, _, _ in COMPONENTS}
         f = power_fits(x, values)
         sat = {}
         for k in ("CE", "EE"):
@@ -471,7 +469,7 @@ def analyse(out: Path, n_resamples: int) -> dict:
             pretrained.append({"model": r["model"]["name"], "family": r["model"]["family"],
                                "non_embedding_parameters": r["model"]["n_parameters"]["non_embedding"],
                                "corpus": r["corpus"]["name"], "tokens": r["n_tokens"],
-                               **{k: d[key] for k, key in COMPONENTS}})
+                               **{k: d[key] for k, key, _ in COMPONENTS}})
     summary = {"setup": dict(setup, bootstrap_resamples=n_resamples), "models": models, "fits": fits,
                "pretrained": pretrained}
     text = tables(summary)
