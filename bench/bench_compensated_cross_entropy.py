@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import rankops
-from rankops.bench import DTYPES, environment, l2_flush, status_kib, time_interleaved
+from rankops.bench import DTYPES, environment, host_peak_extra_mb, l2_flush, time_interleaved
+from rankops.bench import peak_extra_mb as cuda_peak_extra_mb
 from rankops.bench import fmt as _fmt
 
 LAM = 0.3
@@ -107,25 +108,15 @@ def _rss_child(queue, name, n_rows, n_vocab, dtype_name, backends):
     small_logits, small_targets = make_case(8, 1000, DTYPES[dtype_name], "cpu")
     fn(small_logits.requires_grad_(True), small_targets)
     x = logits.requires_grad_(True)
-    # Reset the peak (VmHWM) to the current resident size, so temporaries freed before (those
-    # of make_case) do not hide the candidate's own peak.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_kib("VmRSS")
-    fn(x, targets)
-    queue.put((status_kib("VmHWM") - before) / 1024)
-
+    # The peak is reset to the current resident size just before the call, so temporaries
+    # freed before (those of make_case) do not hide the candidate's own peak.
+    queue.put(host_peak_extra_mb(lambda: fn(x, targets)))
 
 
 def peak_extra_mb(device, name, fn, logits, targets, backends):
     if device == "cuda":
         x = logits.detach().clone().requires_grad_(True)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(x, targets)
-        torch.cuda.synchronize()
-        return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+        return round(cuda_peak_extra_mb(lambda: fn(x, targets), "cuda"), 1)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     dtype_name = next(k for k, v in DTYPES.items() if v == logits.dtype)

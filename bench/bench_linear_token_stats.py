@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import rankops
-from rankops.bench import environment, host_peak_extra_mb, time_interleaved
+from rankops.bench import environment, host_peak_extra_mb, peak_extra_mb, time_interleaved
 
 SHAPES = [(8192, 640, 262144), (8192, 576, 49152)]  # (N, D, V): the issue's two cases
 QUICK_SHAPES = [(512, 64, 40000), (256, 96, 70000)]
@@ -102,17 +102,6 @@ def _loss_baselines():
     return found
 
 
-def peak_extra_mb_cuda(fn) -> float:
-    """Peak allocated GPU memory during fn() beyond what was allocated before it, in MB."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-
-
 def run_case_gpu(dtype_name, n, d, v, rounds):
     dtype, dev = DTYPES_GPU[dtype_name], torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -146,7 +135,7 @@ def run_case_gpu(dtype_name, n, d, v, rounds):
             assert loss_err[name] < 1e-2, (name, loss_err[name])
         del want, got
         ms = time_interleaved(fns, rounds, "cuda")
-        peak = {name: peak_extra_mb_cuda(fn) for name, fn in fns.items() if name != "matmul"}
+        peak = {name: peak_extra_mb(fn, "cuda") for name, fn in fns.items() if name != "matmul"}
     logits_mb = n * v * hidden.element_size() / 2 ** 20
     row = dict(
         environment("cuda"), device="cuda", op="linear_token_stats",

@@ -251,7 +251,9 @@ def host_peak_extra_mb(fn) -> float:
 
 
 def peak_extra_mb(fn, device: str):
-    """Peak memory allocated by fn beyond what was allocated before it, in MB (CUDA only)."""
+    """Peak memory allocated by fn beyond what was allocated before it, in MB of 2^20 bytes (as
+    host_peak_extra_mb's): the CUDA caching allocator's peak counter, reset just before; None
+    on any other device."""
     if device != "cuda":
         return None
     torch.cuda.synchronize()
@@ -259,7 +261,7 @@ def peak_extra_mb(fn, device: str):
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - before) / 1e6, 3)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def run_case(opts: BenchOptions, env: dict, flush, dtype_name: str, n_rows: int,
             speedup_vs_liger=_ratio(ms, "liger", name),
             speedup_vs_serving_rank=_ratio(ms, "serving_rank", name),
             acc_over_token_stats=(round(ms[name] / ms[name[4:]], 3) if name.startswith("acc_") else None),
-            peak_extra_mb=peak_extra_mb(fns[name], device),
+            peak_extra_mb=_round(peak_extra_mb(fns[name], device), 3),
             checked="full", repeat=repeat,
             timing="cuda events, L2 flushed, median" if device == "cuda" else "perf_counter, median",
             sync_free=role == "rankops"))
