@@ -98,6 +98,18 @@ def dictd_entries(package: str, name: str) -> list:
     return entries
 
 
+def first_chars(texts, limit: int) -> list:
+    """texts from the first, in order, until `limit` characters are reached (the text that
+    reaches it included)."""
+    kept, chars = [], 0
+    for text in texts:
+        if chars >= limit:
+            break
+        kept.append(text)
+        chars += len(text)
+    return kept
+
+
 def grouped(entries: list, per_document: int) -> tuple:
     return tuple("\n\n".join(entries[i:i + per_document]) for i in range(0, len(entries), per_document))
 
@@ -109,13 +121,7 @@ def corpora(seed: int = 0):
     gcide = dictd_entries("dict-gcide", "gcide")
     rng = random.Random(seed)
     rng.shuffle(gcide)  # a sample of the whole alphabet, then grouped alphabetically
-    kept, chars = [], 0
-    for e in gcide:
-        if chars >= GCIDE_CHARS:
-            break
-        kept.append(e)
-        chars += len(e)
-    kept.sort(key=lambda e: e.lower())
+    kept = sorted(first_chars(gcide, GCIDE_CHARS), key=lambda e: e.lower())
     evaluated = [
         (load_corpus("austen"), "prose"),
         (load_corpus("kjv"), "scripture"),
@@ -130,12 +136,7 @@ def corpora(seed: int = 0):
         docs = list(c.documents)
         random.Random(seed).shuffle(docs)
         n_held = max(1, int(len(docs) * HELD_OUT))
-        test, chars = [], 0
-        for d in docs[:n_held]:
-            if chars >= HELD_OUT_CHARS:
-                break
-            test.append(d)
-            chars += len(d)
+        test = first_chars(docs[:n_held], HELD_OUT_CHARS)
         held.append(Corpus(f"{c.name}-heldout", tuple(test), c.source, kind, c.license))
         train.append(Corpus(f"{c.name}-train", tuple(docs[n_held:]), c.source, kind, c.license))
     return train, held
@@ -437,7 +438,8 @@ def analyse(out: Path, n_resamples: int) -> dict:
         for key in npz.files:
             i, seed, corpus = key.split("-", 2)
             states.setdefault((int(i), int(seed)), {})[corpus] = npz[key]
-    params = {(m["size"], m["seed"]): m["non_embedding_parameters"] for m in models}
+    by_run = {(m["size"], m["seed"]): m for m in models}
+    params = {r: m["non_embedding_parameters"] for r, m in by_run.items()}
     held = sorted(setup["held_out"])
     results = load_results([str(out / "results")])
     # The parameter counts rankops eval recorded are the ones fitted here too.
@@ -453,8 +455,7 @@ def analyse(out: Path, n_resamples: int) -> dict:
     intervals = bootstrap(states, params, n_resamples)
     fits = {}
     for c in held:
-        values = {k: [next(m for m in models if (m["size"], m["seed"]) == r)["corpora"][c][k] for r in runs]
-                  for k, _, _ in COMPONENTS}
+        values = {k: [by_run[r]["corpora"][c][k] for r in runs] for k, _, _ in COMPONENTS}
         f = power_fits(x, values)
         sat = {}
         for k in ("CE", "EE"):
