@@ -36,8 +36,10 @@ import triton.language as tl
 
 from rankops.ops.common import triton_interpreted
 # exp(d) as exp2(d * LOG2E_HI + d * LOG2E_LO): the fp32 log2(e) alone biases logp (the
-# constants' comment in token_stats_triton; docs/DESIGN.md, "Accuracy of logp").
-from rankops.ops.token_stats_triton import LOG2E_HI, LOG2E_LO
+# constants' comment in token_stats_triton; docs/DESIGN.md, "Accuracy of logp"). SAW_*: what a
+# split saw, as bits, the same flags as token_stats_triton's slices: the finish needs them to
+# follow docs/DESIGN.md, logsumexp = NaN if any value is NaN, else +inf if any is +inf.
+from rankops.ops.token_stats_triton import LOG2E_HI, LOG2E_LO, SAW_NAN, SAW_NEG_INF, SAW_POS_INF
 
 # tl.sum and tl.max are these reductions (for fp32 and int32 inputs); called directly, the
 # interpreter runs them as numpy sums instead of re-entering a jit function per call.
@@ -46,12 +48,6 @@ _max_combine = tl.standard._elementwise_max
 
 SPLIT_COLS = 16384   # default vocabulary columns per program (the public block_size)
 BLOCK_N = 128        # split_cols must be a multiple: tiles never straddle two programs
-# Globals a kernel reads must be tl.constexpr instances (a compiled kernel refuses others).
-# What a split saw, as bits (the same as token_stats_triton's): the finish needs them to follow
-# docs/DESIGN.md, logsumexp = NaN if any value is NaN, else +inf if any is +inf.
-SAW_NAN = tl.constexpr(1)
-SAW_POS_INF = tl.constexpr(2)
-SAW_NEG_INF = tl.constexpr(4)
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) per input width. 128 x 128 tiles of 16-bit inputs
 # read each weight tile once per 128 rows; fp32 "ieee" dots run on FMA units, so a smaller
