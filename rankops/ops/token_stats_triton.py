@@ -50,12 +50,13 @@ SAW_NEG_INF = tl.constexpr(4)
 @triton.jit
 def _row_offset(row, lead_sizes, lead_strides, N_LEAD: tl.constexpr):
     """Element offset of flat (row-major) row `row` in logits with N_LEAD strided leading
-    dimensions: the index of each dimension is peeled off from the last one. int64 throughout."""
+    dimensions: the index of each dimension is peeled off from the last one. int64 throughout.
+    The tuples are indexed by constant expressions written in place: a name assigned in a
+    compiled kernel holds a tensor, which cannot index a tuple (the interpreter accepts it)."""
     offset = tl.zeros((), tl.int64)
     for k in tl.static_range(N_LEAD):
-        d = N_LEAD - 1 - k
-        offset += (row % lead_sizes[d]) * lead_strides[d]
-        row = row // lead_sizes[d]
+        offset += (row % lead_sizes[N_LEAD - 1 - k]) * lead_strides[N_LEAD - 1 - k]
+        row = row // lead_sizes[N_LEAD - 1 - k]
     return offset
 
 
