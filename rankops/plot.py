@@ -417,25 +417,35 @@ def shares(results, out_dir):
     return _save(fig, out_dir, "shares")
 
 
-def plot_all(results: List[dict], out_dir: str) -> List[Path]:
+def plot_all(results: List[dict], out_dir: str, figures=None) -> List[Path]:
     """Writes every figure the results support; returns the files written (NEEDS says what each
-    figure needs)."""
+    figure needs). figures: the names (NEEDS' keys) to consider, default all of them; the
+    others are neither drawn nor touched in out_dir."""
+    if figures is None:
+        wanted = set(NEEDS)
+    else:
+        wanted = {figures} if isinstance(figures, str) else set(figures)
+        unknown = sorted(str(f) for f in wanted - set(NEEDS))
+        if unknown or not wanted:
+            raise ValueError(f"figures: unknown {', '.join(unknown) or 'empty selection'}; "
+                             f"choose from {', '.join(NEEDS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _saved_decomposition.cache_clear()  # accumulators are read once per call, never stale
     written = []
     runs = _runs(results)
     series = {k: v for k, v in runs.items() if len(v) >= 2}
-    if series:
+    if series and "components_vs_step" in wanted:
         written += components_vs_step(series, out)
-    panels = _panels_with_accumulators(runs)
-    if panels:
+    panels = _panels_with_accumulators(runs) if wanted & {"rank_distribution", "p_vs_q"} else None
+    if panels and "rank_distribution" in wanted:
         written += rank_distribution(panels, out)
+    if panels and "p_vs_q" in wanted:
         written += p_vs_q(panels, out)
-    groups = _by_corpus_sizes(results)
+    groups = _by_corpus_sizes(results) if "scaling" in wanted else None
     if groups:
         written += scaling(groups, out)
-    if results:
+    if results and "shares" in wanted:
         written += shares(results, out)
     if not written:
         raise ValueError("no results to plot")

@@ -62,6 +62,25 @@ def test_every_figure_is_written_with_its_axes(results_dir, tmp_path):
             assert w <= 2400 and h <= 2400, (p.name, w, h)
 
 
+def test_a_selection_of_figures_draws_those_alone_and_leaves_the_rest(results_dir, tmp_path):
+    results = load_results([str(results_dir)])
+    (tmp_path / "scaling.png").write_bytes(b"left alone")
+    written = plot_all(results, str(tmp_path), figures=("p_vs_q", "shares"))
+    assert sorted(p.name for p in written) == sorted(f"{f}.{e}" for f in ("p_vs_q", "shares") for e in ("png", "pdf"))
+    assert (tmp_path / "scaling.png").read_bytes() == b"left alone"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in written] + ["scaling.png"])
+    # one name alone; the same bytes as the whole set draws
+    one = plot_all(results, str(tmp_path / "one"), figures="shares")
+    every = plot_all(results, str(tmp_path / "every"))
+    assert [p.name for p in one] == ["shares.png", "shares.pdf"]
+    assert (tmp_path / "one" / "shares.png").read_bytes() == (tmp_path / "every" / "shares.png").read_bytes()
+    for bad in (("scaling", "histogram"), ()):
+        with pytest.raises(ValueError, match="figures") as err:
+            plot_all(results, str(tmp_path / "bad"), figures=bad)
+        assert "histogram" in str(err.value) or "empty" in str(err.value)
+    assert not (tmp_path / "bad").exists()  # checked before anything is written
+
+
 def test_axes_and_data(results_dir, tmp_path, monkeypatch):
     import matplotlib.figure
 
