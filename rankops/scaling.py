@@ -114,6 +114,20 @@ NO_POWER_LAW = ("No power law fitted: a scaling law in model size needs several 
                 "a family on the same corpus and run `rankops fit` on all their results.")
 
 
+def component_fits(x, values: dict) -> dict:
+    """The power law log M = a + b log X of each component over model sizes x, as `rankops fit`
+    fits them (Conf as log|Conf|). values maps COMPONENTS' short names (CE, EE, SA, Conf) to one
+    value per size. Returns {"r_squared": {name: R^2}, "alpha": {name: alpha},
+    "scaling_difference": {EE, SA, Conf: |alpha_M - alpha_CE|}}."""
+    missing = [short for short, _, _ in COMPONENTS if short not in values]
+    if missing:
+        raise ValueError(f"values: no {', '.join(missing)} (it needs CE, EE, SA and Conf)")
+    fits = {short: fit_power_law(x, values[short], name=short, log_abs=log_abs) for short, _, log_abs in COMPONENTS}
+    return {"r_squared": {k: f.r_squared for k, f in fits.items()},
+            "alpha": {k: f.alpha for k, f in fits.items()},
+            "scaling_difference": {k: scaling_difference(f, fits["CE"]) for k, f in fits.items() if k != "CE"}}
+
+
 def scaling_tables(results: List[dict], *, allow_empty: bool = False) -> List[dict]:
     """One row per (group, corpus) with at least two distinct model sizes: R^2, alpha and the
     scaling difference |alpha_M - alpha_CE| of each component. With no such group: a
@@ -131,19 +145,12 @@ def scaling_tables(results: List[dict], *, allow_empty: bool = False) -> List[di
             continue
         if group == "all" and len({m["model"].get("family") for m in members}) == 1:
             continue  # the same models as the single family's row
-        fits = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RankopsFitWarning)
-            for short, key, log_abs in COMPONENTS:
-                y = [m["decomposition"][key] for m in members]
-                fits[short] = fit_power_law(x, y, name=short, log_abs=log_abs)
-        rows.append({
-            "group": group, "corpus": corpus, "n_models": len(members),
-            "r_squared": {k: f.r_squared for k, f in fits.items()},
-            "alpha": {k: f.alpha for k, f in fits.items()},
-            "scaling_difference": {k: scaling_difference(f, fits["CE"]) for k, f in fits.items() if k != "CE"},
-            "warnings": sorted({str(w.message) for w in caught}),
-        })
+            fitted = component_fits(x, {short: [m["decomposition"][key] for m in members]
+                                        for short, key, _ in COMPONENTS})
+        rows.append({"group": group, "corpus": corpus, "n_models": len(members), **fitted,
+                     "warnings": sorted({str(w.message) for w in caught})})
     if not rows and not allow_empty:
         raise ValueError("no group has two or more model sizes on one corpus: nothing to fit")
     return rows

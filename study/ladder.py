@@ -44,9 +44,10 @@ from rankops.eval.corpora.debian import fetch_packages, package_root
 from rankops.eval.models import load_model
 from rankops.eval.run import batches, evaluate
 from rankops.eval.windows import Protocol, collate, plan_windows
-from rankops.fit import fit_power_law, fit_saturating
+from rankops.fit import fit_saturating
 from rankops.plot import plot_all
-from rankops.scaling import COMPONENTS, final_points, load_results, markdown, models_markdown, model_rows, scaling_tables
+from rankops.scaling import (COMPONENTS, component_fits, final_points, load_results, markdown, models_markdown,
+                             model_rows, scaling_tables)
 
 from mini_scaling import SEQ, train_tokenizer, training_steps  # study/, beside this script
 
@@ -232,14 +233,13 @@ def components(count: np.ndarray, sum_logp: np.ndarray) -> dict:
 
 
 def power_fits(x, values: dict) -> dict:
-    """alpha and R^2 per component, as `rankops fit` computes them (Conf as log|Conf|)."""
-    fits = {k: fit_power_law(x, values[k], name=k, log_abs=log_abs) for k, _, log_abs in COMPONENTS}
+    """alpha, R^2 and scaling difference per component, as `rankops fit` computes them
+    (rankops.scaling.component_fits), with R^2_EE - R^2_CE and the slope of EE/CE per decade."""
+    f = component_fits(x, values)
     share = np.asarray(values["EE"]) / np.asarray(values["CE"])
     slope = float(np.polyfit(np.log10(x), share, 1)[0])
-    return {"alpha": {k: f.alpha for k, f in fits.items()},
-            "r_squared": {k: f.r_squared for k, f in fits.items()},
-            "scaling_difference": {k: abs(fits[k].alpha - fits["CE"].alpha) for k in ("EE", "SA", "Conf")},
-            "r_squared_EE_minus_CE": fits["EE"].r_squared - fits["CE"].r_squared,
+    return {"alpha": f["alpha"], "r_squared": f["r_squared"], "scaling_difference": f["scaling_difference"],
+            "r_squared_EE_minus_CE": f["r_squared"]["EE"] - f["r_squared"]["CE"],
             "ee_share_slope_per_decade": slope}
 
 

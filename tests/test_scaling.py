@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rankops.cli import main
-from rankops.scaling import load_results, scaling_tables
+from rankops.scaling import component_fits, load_results, scaling_tables
 
 SIZES = [1e6, 3e6, 1e7, 3e7, 1e8]
 LAWS = {"EE": (9.0, 0.30), "SA": (0.8, 0.05)}  # coefficient, alpha
@@ -46,6 +46,26 @@ def test_exact_laws_give_r2_one_and_known_alphas(tmp_path):
     alpha_ce = -sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
     assert row["alpha"]["CE"] == pytest.approx(alpha_ce, rel=1e-10)
     assert row["scaling_difference"]["EE"] == pytest.approx(abs(0.30 - alpha_ce), rel=1e-10)
+
+
+def test_component_fits_from_values_are_the_tables_fits(tmp_path):
+    """component_fits (what the ladder's bootstrap fits on each resample) takes values instead of
+    results files and gives exactly the fits of scaling_tables' row over the same points."""
+    values = {"EE": [9.0 * x ** -0.3 for x in SIZES], "SA": [0.8 * x ** -0.05 for x in SIZES],
+              "Conf": [-0.5 * x ** -0.1 for x in SIZES]}
+    values["CE"] = [ee + sa - conf for ee, sa, conf in zip(values["EE"], values["SA"], values["Conf"])]
+    fitted = component_fits(SIZES, values)
+    assert fitted["alpha"]["EE"] == pytest.approx(0.30, abs=1e-12)
+    assert fitted["alpha"]["Conf"] == pytest.approx(0.10, abs=1e-12)  # fitted on log|Conf|
+    assert set(fitted["scaling_difference"]) == {"EE", "SA", "Conf"}
+    assert fitted["scaling_difference"]["SA"] == abs(fitted["alpha"]["SA"] - fitted["alpha"]["CE"])
+    for i, x in enumerate(SIZES):
+        write_result(tmp_path, f"m{i}", "llama", "austen", x)
+    (row,) = scaling_tables(load_results([str(tmp_path)]))
+    for key in ("r_squared", "alpha", "scaling_difference"):
+        assert row[key] == fitted[key], key
+    with pytest.raises(ValueError, match="values: no Conf"):
+        component_fits(SIZES, {k: v for k, v in values.items() if k != "Conf"})
 
 
 def test_groups_by_family_and_corpus_and_final_checkpoint(tmp_path):
