@@ -11,7 +11,9 @@ minutes, so their ratio holds where absolute times drift.
 Prints one JSON line: the rankops it imported and the median of 15 calls of
 rankops.token_stats(z, t, backend="cpu") per case (2 threads, N(0, 9) logits, fp32 and bf16,
 2048 x 50304 and 2048 x 128256), in ms. bench/results/token_stats_cpu_refactor_ab.jsonl holds
-the issue-12 comparison made this way.
+the issue-12 comparison made this way. It times with its own loop, not
+rankops.bench.time_interleaved, and uses only rankops.token_stats, so that any build, however
+old, can run it (5cf8cd6, the build before issue 12 in that file, has no rankops.bench).
 """
 import json
 import time
