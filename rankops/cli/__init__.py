@@ -5,6 +5,7 @@
     rankops plot       the paper's figures from results files             (rankops.cli.plot)
     rankops lm-eval    lm-evaluation-harness with the hf-rankops model    (rankops.cli.lm_eval)
     rankops corpora    the built-in corpora                               (rankops.cli.corpora)
+    rankops cache      what rankops keeps in its cache folder; clear it   (rankops.cli.cache)
     rankops selfcheck  this installation against the known-answer case   (rankops.cli.selfcheck)
     rankops bench      the kernels checked, then timed against baselines (rankops.cli.bench)
 
@@ -14,10 +15,10 @@ Each command module has `add_parser(subparsers)` and `run(args) -> exit status`;
 import argparse
 import sys
 
-from rankops.cli import bench, corpora, eval, extras, fit, lm_eval, plot, selfcheck
+from rankops.cli import bench, cache, corpora, eval, extras, fit, lm_eval, plot, selfcheck
 
 COMMANDS = {"eval": eval, "fit": fit, "plot": plot, "lm-eval": lm_eval, "corpora": corpora,
-            "selfcheck": selfcheck, "bench": bench}
+            "cache": cache, "selfcheck": selfcheck, "bench": bench}
 
 
 def version_text() -> str:

@@ -1,10 +1,100 @@
-"""rankops' cache folder: $RANKOPS_CACHE, else ~/.cache/rankops. GGUF conversions (gguf/) and
-the built-in corpora's unpacked Debian packages (corpora/debian/) live there."""
-import os
-from pathlib import Path
+"""rankops' cache folder: $RANKOPS_CACHE, else ~/.cache/rankops, and what is in it.
 
-__all__ = ["cache_root"]
+    gguf/converted-<sha256>/   a GGUF file converted to a safetensors folder (rankops.eval.models),
+                               named by the GGUF's content, with rankops-source.json saying which
+    gguf/<name>-<sha256>.gguf  a GGUF reassembled from part packages (the gemma3-270m built-in)
+    corpora/debian/<package>/  a built-in corpus' Debian package, unpacked (rankops.eval.corpora.debian)
+
+Everything here can be made again: conversions and reassembled GGUFs from the installed files,
+offline; the corpora with `rankops corpora fetch`, which needs Debian's mirror. `rankops cache`
+lists it (cache_entries) and `rankops cache clear` removes it (clear_cache).
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import List
+
+__all__ = ["cache_root", "cache_entries", "clear_cache", "CONVERTED_PREFIX", "SOURCE_RECORD"]
+
+CONVERTED_PREFIX = "converted-"        # the folders of GGUF conversions
+SOURCE_RECORD = "rankops-source.json"  # in each: the GGUF file it was converted from
+
+# Earlier builds of rankops named a conversion's folder <GGUF stem>-<16 hex digits of the file's
+# path, size and mtime>: a new 0.5 GB copy for every virtual environment. Listed as stale, cleared.
+_OLD_CONVERSION = re.compile(r".+-[0-9a-f]{16}$")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("RANKOPS_CACHE") or Path.home() / ".cache" / "rankops").expanduser()
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:  # removed while we walked
+                pass
+    return total
+
+
+def _kind(path: Path) -> str:
+    """What a top-level entry of gguf/ or corpora/debian/ is (see the module docstring)."""
+    name = path.name
+    if name.startswith(".") and ".tmp" in name:
+        return "unfinished"  # a conversion or reassembly killed, or one running now
+    if path.parent.name == "debian":
+        return "corpus"
+    if path.is_dir() and name.startswith(CONVERTED_PREFIX):
+        return "conversion"
+    if path.is_file() and name.endswith(".gguf"):
+        return "gguf"
+    if path.is_dir() and _OLD_CONVERSION.match(name) and (path / "config.json").is_file():
+        return "stale"
+    return "other"
+
+
+def cache_entries() -> List[dict]:
+    """The cache's entries: {"path", "kind", "size" (bytes), "source"}, kind one of conversion,
+    gguf, corpus, stale (a conversion under the old per-path name), unfinished, other."""
+    root = cache_root()
+    entries = []
+    for folder in (root / "gguf", root / "corpora" / "debian"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            kind = _kind(path)
+            source = ""
+            if kind == "conversion":
+                try:
+                    source = json.loads((path / SOURCE_RECORD).read_text()).get("name", "")
+                except (OSError, ValueError):
+                    source = ""
+            entries.append({"path": path, "kind": kind, "size": _size(path), "source": source})
+    return entries
+
+
+# clear_cache(everything=False) removes these kinds: all that is made again offline, in seconds
+# to a minute; the corpora (a download) and unknown files stay unless everything=True.
+_CLEARED = ("conversion", "stale", "unfinished")
+
+
+def clear_cache(everything: bool = False) -> List[dict]:
+    """Removes the GGUF conversions, stale and unfinished ones included (everything=True: every
+    entry, the reassembled GGUFs and the corpora too). Returns the entries removed. A conversion
+    running now in another process loses its temporary folder and warns that it could not cache."""
+    removed = []
+    for entry in cache_entries():
+        if everything or entry["kind"] in _CLEARED:
+            path = entry["path"]
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

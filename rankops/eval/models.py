@@ -7,15 +7,18 @@ hub is reachable). In the Python API any callable returning logits works too.
 """
 import hashlib
 import importlib.util
+import json
 import os
 import re
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from rankops.eval.cache import cache_root
+from rankops.eval.cache import CONVERTED_PREFIX, SOURCE_RECORD, cache_root
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,10 +220,55 @@ def step_from_name(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+_DIGESTS: dict = {}  # (resolved path, size, mtime_ns) -> sha256: a process hashes a file once
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (read in 8 MiB blocks: about 0.2 s for SmolLM2's 93 MB)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 def _gguf_cache_dir(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    """The folder of a GGUF file's conversion, named by the file's content alone: the same bytes
+    reached through another path, a symlink, another virtual environment or a reinstall find the
+    one conversion (a path- or mtime-based name made a new 0.5 GB copy for each), and a changed
+    file gets its own."""
+    return _cache_root() / "gguf" / f"{CONVERTED_PREFIX}{file_sha256(gguf_path)[:24]}"
+
+
+def _store_conversion(model, tokenizer, cache: Path, source: dict) -> bool:
+    """Saves a converted model into the cache folder `cache`: written to a temporary folder and
+    renamed, so a killed conversion leaves nothing that looks complete. Another process that
+    finished the same conversion first (ranks of one job loading the same file) wins and this
+    copy is dropped. A write that fails (a full disk, a read-only cache) costs a warning, not the
+    evaluation: the model is in memory, and the next load converts again. True if cached."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps(source, indent=1) + "\n")
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            if not (cache / "config.json").is_file():
+                raise
+        return True
+    except OSError as exc:
+        warnings.warn(f"rankops could not cache the conversion of {source.get('gguf')} in {cache}: "
+                      f"{exc}; it is converted again at each load (free some space, or set "
+                      f"RANKOPS_CACHE to a writable folder)", RuntimeWarning, stacklevel=3)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_gguf(gguf_path: Path, dtype):
@@ -244,11 +292,9 @@ def _load_gguf(gguf_path: Path, dtype):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(model.state_dict())
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, cache)  # atomic: a killed conversion leaves no half-written cache
+    _store_conversion(plain, tokenizer, cache, {"gguf": str(gguf_path.resolve()), "name": gguf_path.name,
+                                                "size": gguf_path.stat().st_size,
+                                                "sha256": file_sha256(gguf_path)})
     return model.to(dtype), tokenizer
 
 
