@@ -4,7 +4,7 @@ import sys
 
 _WHAT = {"conversion": "GGUF converted to safetensors", "gguf": "GGUF reassembled from its packages",
          "corpus": "built-in corpus (Debian package)", "stale": "GGUF conversion by an earlier rankops: unused",
-         "unfinished": "left by a killed conversion (or one running now)", "other": "not rankops'"}
+         "unfinished": "left by a killed conversion (or one running now)", "other": "not rankops' (never removed)"}
 
 
 def add_parser(sub) -> None:
@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
                                description="Removes the GGUF conversions, stale and unfinished ones "
                                "included; they are made again at the next load, offline. With --all, also "
                                "the reassembled GGUF files and the corpora (fetched again with `rankops "
-                               "corpora fetch`, which needs Debian's mirror).")
+                               "corpora fetch`, which needs Debian's mirror). Files rankops did not write are never removed.")
     clear.add_argument("--all", action="store_true", dest="everything",
-                       help="remove everything in the cache, the corpora included")
+                       help="also remove the reassembled GGUF files and the corpora (never files "
+                       "rankops did not write)")
 
 
 def _mb(n: int) -> str:

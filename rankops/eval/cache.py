@@ -24,6 +24,7 @@ SOURCE_RECORD = "rankops-source.json"  # in each: the GGUF file it was converted
 # Earlier builds of rankops named a conversion's folder <GGUF stem>-<16 hex digits of the file's
 # path, size and mtime>: a new 0.5 GB copy for every virtual environment. Listed as stale, cleared.
 _OLD_CONVERSION = re.compile(r".+-[0-9a-f]{16}$")
+_REASSEMBLED = re.compile(r".+-[0-9a-f]{16}\.gguf$")  # <name>-<16 hex digits of its sha256>.gguf
 
 
 def cache_root() -> Path:
@@ -52,7 +53,7 @@ def _kind(path: Path) -> str:
         return "corpus"
     if path.is_dir() and name.startswith(CONVERTED_PREFIX):
         return "conversion"
-    if path.is_file() and name.endswith(".gguf"):
+    if path.is_file() and _REASSEMBLED.match(name):
         return "gguf"
     if path.is_dir() and _OLD_CONVERSION.match(name) and (path / "config.json").is_file():
         return "stale"
@@ -79,18 +80,21 @@ def cache_entries() -> List[dict]:
     return entries
 
 
-# clear_cache(everything=False) removes these kinds: all that is made again offline, in seconds
-# to a minute; the corpora (a download) and unknown files stay unless everything=True.
+# clear_cache() removes these kinds: all that is made again offline, in seconds to a minute.
+# everything=True adds the reassembled GGUFs and the corpora (a download). Files rankops did not
+# write ("other": a model of the user's own kept in gguf/, say) are never removed.
 _CLEARED = ("conversion", "stale", "unfinished")
+_CLEARED_ALL = _CLEARED + ("gguf", "corpus")
 
 
 def clear_cache(everything: bool = False) -> List[dict]:
-    """Removes the GGUF conversions, stale and unfinished ones included (everything=True: every
-    entry, the reassembled GGUFs and the corpora too). Returns the entries removed. A conversion
-    running now in another process loses its temporary folder and warns that it could not cache."""
+    """Removes the GGUF conversions, stale and unfinished ones included (everything=True: the
+    reassembled GGUFs and the corpora too; never what rankops did not write). Returns the entries
+    removed. A conversion running now in another process loses its temporary folder and warns
+    that it could not cache."""
     removed = []
     for entry in cache_entries():
-        if everything or entry["kind"] in _CLEARED:
+        if entry["kind"] in (_CLEARED_ALL if everything else _CLEARED):
             path = entry["path"]
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
