@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from rankops.cli import main
-from rankops.eval.cache import CONVERTED_PREFIX, SOURCE_RECORD, cache_entries, clear_cache
-from rankops.eval.models import _gguf_cache_dir, _store_conversion, file_sha256
+from rankops.eval.cache import CONVERTED_PREFIX, SOURCE_RECORD, UNPACKED_MARKER, cache_entries, clear_cache
+from rankops.eval.models import _conversion_dir, _store_conversion, file_sha256
 
 
 @pytest.fixture
@@ -31,12 +31,14 @@ def test_a_conversion_is_named_by_the_files_content_alone(cache, tmp_path):
     link = tmp_path / "...gguf"
     link.symlink_to(original)
     expected = cache / "gguf" / f"{CONVERTED_PREFIX}{hashlib.sha256(data).hexdigest()[:24]}"
+    def folder(path):
+        return _conversion_dir(file_sha256(path))
     assert file_sha256(original) == hashlib.sha256(data).hexdigest()
-    assert _gguf_cache_dir(original) == _gguf_cache_dir(copy) == _gguf_cache_dir(link) == expected
+    assert folder(original) == folder(copy) == folder(link) == expected
     os.utime(copy, ns=(1, 1))  # a reinstall changes the mtime, not the bytes
-    assert _gguf_cache_dir(copy) == expected
+    assert folder(copy) == expected
     copy.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit changed: another model
-    assert _gguf_cache_dir(copy) != expected and _gguf_cache_dir(copy).parent == expected.parent
+    assert folder(copy) != expected and folder(copy).parent == expected.parent
 
 
 class _Saves:
@@ -100,13 +102,18 @@ def _layout(root):
     write("gguf/notes.txt", 5)
     write("gguf/my-own-model.gguf", 7)  # not rankops': listed, never removed
     write("corpora/debian/bible-kjv-text/usr/share/bible/kjv.txt", 60)
+    write(f"corpora/debian/bible-kjv-text/{UNPACKED_MARKER}", 4)
+    write("corpora/debian/.fetch-x1y2/bible-kjv_4.40_amd64.deb", 70)  # a killed fetch's workdir
+    write("corpora/debian/dict-jargon/usr/share/jargon.txt", 80)     # unpacked, but no marker
     return {f"gguf/{CONVERTED_PREFIX}{'0' * 24}": ("conversion", 1010 + record),
             "gguf/SmolLM2-135M-Instruct.Q4_1-0123456789abcdef": ("stale", 320),
             f"gguf/.{CONVERTED_PREFIX}{'1' * 24}.tmp4242": ("unfinished", 40),
             "gguf/gemma-3-270m-q4_k_m-a5fd3b62230aa5ec.gguf": ("gguf", 50),
             "gguf/notes.txt": ("other", 5),
             "gguf/my-own-model.gguf": ("other", 7),
-            "corpora/debian/bible-kjv-text": ("corpus", 60)}
+            "corpora/debian/bible-kjv-text": ("corpus", 64),
+            "corpora/debian/.fetch-x1y2": ("unfinished", 70),
+            "corpora/debian/dict-jargon": ("unfinished", 80)}
 
 
 def test_cache_entries_name_each_kind_and_its_size(cache):
@@ -119,7 +126,7 @@ def test_cache_entries_name_each_kind_and_its_size(cache):
 def test_clear_removes_what_is_made_again_offline_and_all_removes_the_rest(cache):
     expected = _layout(cache)
     removed = clear_cache()
-    assert sorted(e["kind"] for e in removed) == ["conversion", "stale", "unfinished"]
+    assert sorted(e["kind"] for e in removed) == ["conversion", "stale"] + ["unfinished"] * 3
     left = {str(e["path"].relative_to(cache)): (e["kind"], e["size"]) for e in cache_entries()}
     assert left == {k: v for k, v in expected.items() if v[0] in ("gguf", "other", "corpus")}
     assert sorted(e["kind"] for e in clear_cache(everything=True)) == ["corpus", "gguf"]
@@ -133,10 +140,10 @@ def test_the_cache_command_lists_and_clears(cache, capsys):
     _layout(cache)
     assert main(["cache"]) == 0
     out = capsys.readouterr().out
-    assert "in 7 entries" in out and "| corpora/debian/bible-kjv-text | built-in corpus" in out
+    assert "in 9 entries" in out and "| corpora/debian/bible-kjv-text | built-in corpus" in out
     assert f"| gguf/{CONVERTED_PREFIX}{'0' * 24} | GGUF converted to safetensors (m.gguf) |" in out
     assert main(["cache", "clear"]) == 0
-    assert "removed 3 entries" in capsys.readouterr().err
+    assert "removed 5 entries" in capsys.readouterr().err
     assert main(["cache", "clear", "--all"]) == 0
     assert "removed 2 entries" in capsys.readouterr().err
     assert sorted(e["kind"] for e in cache_entries()) == ["other", "other"]

@@ -346,6 +346,7 @@ def test_a_model_file_named_dot_dot_gguf_stays_inside(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if out not in p.parents and p != out) == \
         sorted(["m", "...gguf", "...txt", "x"])
     # Its conversion is the real file's, named by content: no second 0.5 GB copy under the name "..".
-    from rankops.eval.models import _gguf_cache_dir
-    assert _gguf_cache_dir(tmp_path / "m" / "...gguf") == _gguf_cache_dir(resolve_builtin("smollm2"))
-    assert (_gguf_cache_dir(resolve_builtin("smollm2")) / "config.json").is_file()
+    from rankops.eval.models import _conversion_dir, file_sha256
+    conversion = _conversion_dir(file_sha256(tmp_path / "m" / "...gguf"))
+    assert conversion == _conversion_dir(file_sha256(resolve_builtin("smollm2")))
+    assert (conversion / "config.json").is_file()

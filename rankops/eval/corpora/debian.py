@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, List, Sequence
 
-from rankops.eval.cache import cache_root
+from rankops.eval.cache import UNPACKED_MARKER, debian_dir
 from rankops.eval.corpora.corpus import CorpusError
 
 __all__ = ["FetchError", "fetch_packages", "is_unpacked", "package_root"]
 
-_MARKER = ".complete"
+_MARKER = UNPACKED_MARKER
 
 
 class FetchError(CorpusError):
@@ -36,7 +36,7 @@ class FetchError(CorpusError):
 
 
 def packages_dir() -> Path:
-    return cache_root() / "corpora" / "debian"
+    return debian_dir()
 
 
 def package_root(package: str) -> Path:
