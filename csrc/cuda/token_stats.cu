@@ -23,11 +23,13 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kFinishThreads = 128;
 
-// Columns per block: 16384, halved (down to 2048) while there would be fewer than 1024 blocks,
-// so few-row inputs still fill the GPU. A function of the shape alone: a given input always
-// gets the same slices, and so the same bits.
-int64_t slice_cols(int64_t n_rows, int64_t n_cols) {
-  int64_t cols = 16384;
+// Columns per block: 64 KiB of logits (16384 fp32, 32768 bf16/fp16 columns), halved (down to
+// 2048 columns) while there would be fewer than 1024 blocks, so few-row inputs still fill the
+// GPU. Bigger blocks spread the block's end (the fixed-order merge of 256 threads) over more
+// elements. A function of the shape and the element size alone: a given input always gets the
+// same slices, and so the same bits.
+int64_t slice_cols(int64_t n_rows, int64_t n_cols, int64_t elem_size) {
+  int64_t cols = 65536 / elem_size;
   while (cols > 2048 && n_rows * ceil_div(n_cols, cols) < 1024) cols /= 2;
   return cols;
 }
@@ -99,12 +101,17 @@ struct Acc {
     eq += x == target;
     hi = fmaxf(hi, x);  // fmaxf/fminf skip NaN
     lo = fminf(lo, x);
-    if (x > ref) {  // rescale instead of a second exp; NaN never enters here
-      sum = (sum + part) * exp_of(ref - x);
+    // One exp either way, outside the branch: exp(-|x - ref|) is the new term when x <= ref and
+    // the rescale of the old sum when x > ref. The branch itself is then a few selects, and a
+    // warp whose lanes split on it runs no exp twice.
+    const float d = x - ref;
+    const float e = exp_of(-fabsf(d));
+    if (x > ref) {  // NaN never enters here
+      sum = (sum + part) * e;
       part = 1.0f;
       ref = x;
     } else {
-      part += exp_of(x - ref);
+      part += e;
     }
   }
 
@@ -158,13 +165,27 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
     const VecSpan v = vec_span<T>(reinterpret_cast<uintptr_t>(row_ptr + begin), begin, end);
     for (int64_t c = begin + threadIdx.x; c < v.body; c += kThreads)
       acc.add(to_float(row_ptr[c]), target);
+    // kUnroll vectors are loaded before any is summed, so each thread keeps kUnroll 16-byte
+    // loads in flight (one at a time leaves the memory system idle between them at the
+    // occupancy these registers allow). Streamed once: no reuse, so no L1 allocation.
     const uint4* vec = reinterpret_cast<const uint4*>(row_ptr + v.body);
-    for (int64_t i = threadIdx.x; i < v.n_vec; i += kThreads) {
-      const uint4 raw = __ldg(vec + i);
-      const T* x = reinterpret_cast<const T*>(&raw);
+    constexpr int kUnroll = 4;
+    for (int64_t i0 = threadIdx.x; i0 < v.n_vec; i0 += kUnroll * kThreads) {
+      uint4 raw[kUnroll];
 #pragma unroll
-      for (int j = 0; j < kVec<T>; ++j) acc.add(to_float(x[j]), target);
-      acc.flush();  // 4 (fp32) or 8 (16-bit) terms per part
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + u * kThreads;
+        if (i < v.n_vec) raw[u] = __ldcs(vec + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i0 + u * kThreads < v.n_vec) {
+          const T* x = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+          for (int j = 0; j < kVec<T>; ++j) acc.add(to_float(x[j]), target);
+          acc.flush();  // 4 (fp32) or 8 (16-bit) terms per part
+        }
+      }
     }
     for (int64_t c = v.tail + threadIdx.x; c < end; c += kThreads)
       acc.add(to_float(row_ptr[c]), target);
@@ -267,14 +288,16 @@ __global__ void finish_kernel(const KernelArgs a, int64_t n_slices, Partials par
 
 }  // namespace
 
+// Enough for every dtype: fp32's slices are the narrowest (a 16-bit dtype starts from twice the
+// columns and halves under the same rule), so they give the most (row, slice) tasks.
 int64_t token_stats_workspace_bytes(int64_t n_rows, int64_t n_cols) {
-  return partials_bytes(n_rows * ceil_div(n_cols, slice_cols(n_rows, n_cols)));
+  return partials_bytes(n_rows * ceil_div(n_cols, slice_cols(n_rows, n_cols, 4)));
 }
 
 const char* token_stats(const KernelArgs& a) {
   const int64_t n_rows = a.logits.n_rows, n_cols = a.logits.n_cols;
   if (n_rows == 0) return "";
-  const int64_t cols = slice_cols(n_rows, n_cols);
+  const int64_t cols = slice_cols(n_rows, n_cols, a.logits.dtype == DType::kFloat32 ? 4 : 2);
   const int64_t n_slices = ceil_div(n_cols, cols);
   if (n_rows * n_slices > 0x7fffffffLL) return "too many (row, slice) blocks for one launch";
   if (a.workspace_bytes < partials_bytes(n_rows * n_slices)) return "workspace too small";

@@ -78,6 +78,32 @@ def _row_target(logits_ptr, targets_ptr, target_logit_ptr, row, lead_sizes, lead
     return row_ptr, keep, z_t
 
 
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _lane_update(x, z_t, m, s, gt, eq, lo, inside, MASKED: tl.constexpr):
+    """One tile into the per-lane statistics: counts above and equal to the target, the lowest
+    non-NaN value, and the online sum of exp(x - m) against the lane's running max m with ONE
+    exp per element: exp(-|x - m|) is the new term when x <= m and the old sum's rescale when
+    x > m. NaN never passes x > m (m stays NaN-free) and turns the lane's sum NaN; a second +inf
+    does too (inf - inf): the slice's end tells the two apart. A masked lane holds -inf (adds
+    exp(-inf) = 0, counts above nothing) and is kept out of eq and lo by `inside`."""
+    gt += (x > z_t).to(tl.int32)
+    if MASKED:
+        eq += (inside & (x == z_t)).to(tl.int32)
+        lo = tl.where(inside & (x < lo), x, lo)
+    else:
+        eq += (x == z_t).to(tl.int32)
+        lo = tl.where(x < lo, x, lo)
+    a = -tl.abs(x - m)  # subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX
+    e = tl.exp2(a * LOG2E_HI + a * LOG2E_LO)
+    up = x > m
+    s = tl.where(up, s * e + 1.0, s + e)
+    m = tl.where(up, x, m)
+    return m, s, gt, eq, lo
+
+
 @triton.jit
 def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_strides, stride_col,
                   n_cols, ignore_index, part_max_ptr, part_sum_ptr, part_gt_ptr, part_eq_ptr,
@@ -93,38 +119,59 @@ def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_st
     end = tl.minimum(begin + SLICE, n_cols)
     end = tl.where(keep, end, begin)  # an ignored row reads nothing
     cols = tl.arange(0, BLOCK)
-    m = tl.full((), float("-inf"), tl.float32)
-    # The slice's sum in fp64: an fp32 running sum absorbs each tile's small sum after the large
-    # terms with a one-sided rounding loss (docs/DESIGN.md, "Accuracy of logp").
-    s = tl.zeros((), tl.float64)
-    gt = tl.zeros((), tl.int64)
-    eq = tl.zeros((), tl.int64)
-    bad = tl.zeros((), tl.int32)
-    for start in range(begin, end, BLOCK):
-        c = start + cols
+    # Per-lane statistics, reduced once at the slice's end (not once per tile). Each lane's
+    # first reference is the target logit when it is this row's own and finite: every term is
+    # then relative to a value of the row, and -inf adds exp(-inf) = 0, never inf - inf.
+    # Otherwise the lowest finite float, which the first value above it replaces (an external
+    # target may lie far above this shard, whose terms must not underflow against it).
+    if EXTERNAL:
+        ref0 = -FLT_MAX
+    else:
+        ref0 = tl.where(tl.abs(z_t) <= FLT_MAX, z_t, -FLT_MAX)
+    m = tl.zeros([BLOCK], tl.float32) + ref0
+    s = tl.zeros([BLOCK], tl.float32)  # SLICE / BLOCK terms per lane: no fp32 drift to speak of
+    gt = tl.zeros([BLOCK], tl.int32)
+    eq = tl.zeros([BLOCK], tl.int32)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    n_full = (end - begin) // BLOCK
+    tail = begin + n_full * BLOCK
+    # Full tiles unmasked, the next one loaded before the current one is summed (two tiles in
+    # flight per program); then the masked tail.
+    if n_full > 0:
+        x = _load_f32(row_ptr + (begin + cols) * stride_col, True, BF16_BITS)
+        for start in range(begin + BLOCK, tail, BLOCK):
+            x_next = _load_f32(row_ptr + (start + cols) * stride_col, True, BF16_BITS)
+            m, s, gt, eq, lo = _lane_update(x, z_t, m, s, gt, eq, lo, True, False)
+            x = x_next
+        m, s, gt, eq, lo = _lane_update(x, z_t, m, s, gt, eq, lo, True, False)
+    if tail < end:
+        c = tail + cols
         inside = c < end
         x = _load_f32(row_ptr + c * stride_col, inside, BF16_BITS)
-        gt += tl.sum((inside & (x > z_t)).to(tl.int64), axis=0)
-        eq += tl.sum((inside & (x == z_t)).to(tl.int64), axis=0)
-        # Each flag is one bit: the or over the tile is, bit by bit, a max (a built-in reduction;
-        # a custom combine function runs element by element under the interpreter).
-        bad = bad | tl.max(tl.where(inside & (x != x), SAW_NAN, 0), axis=0) | \
-            tl.max(tl.where(inside & (x == float("inf")), SAW_POS_INF, 0), axis=0) | \
-            tl.max(tl.where(inside & (x == float("-inf")), SAW_NEG_INF, 0), axis=0)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # An all -inf prefix leaves m_new = -inf; shift by 0 then so no inf - inf appears.
-        # Subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = x - shift
-        d_old = m - shift
-        tile = tl.sum(tl.exp2(d * LOG2E_HI + d * LOG2E_LO), axis=0)
-        s = s * tl.exp2(d_old * LOG2E_HI + d_old * LOG2E_LO).to(tl.float64) + tile.to(tl.float64)
-        m = m_new
+        m, s, gt, eq, lo = _lane_update(x, z_t, m, s, gt, eq, lo, inside, True)
+    # The slice's end: the lanes' sums rescaled to the slice's max, summed in fp64 (a fixed
+    # tree: bit-identical run after run).
+    m_all = tl.max(m, axis=0)
+    d = m - m_all
+    w = tl.exp2(d * LOG2E_HI + d * LOG2E_LO)
+    total = tl.sum(s.to(tl.float64) * w.to(tl.float64), axis=0)
+    lane_nan = tl.max((s != s).to(tl.int32), axis=0)
+    pos_inf = m_all == float("inf")
+    bad = tl.where(pos_inf, SAW_POS_INF, 0) | tl.where(tl.min(lo, axis=0) == float("-inf"), SAW_NEG_INF, 0)
+    bad = bad | tl.where((lane_nan != 0) & (m_all != float("inf")), SAW_NAN, 0)
+    if pos_inf & (lane_nan != 0):
+        # Rare: a NaN sum beside a +inf may come from inf - inf alone; only the values tell.
+        nan_seen = tl.zeros((), tl.int32)
+        for start in range(begin, end, BLOCK):
+            c = start + cols
+            xs = _load_f32(row_ptr + c * stride_col, c < end, BF16_BITS)
+            nan_seen = nan_seen | tl.max((xs != xs).to(tl.int32), axis=0)
+        bad = bad | tl.where(nan_seen != 0, SAW_NAN, 0)
     out = row * n_slices + sl
-    tl.store(part_max_ptr + out, m)
-    tl.store(part_sum_ptr + out, s)
-    tl.store(part_gt_ptr + out, gt)
-    tl.store(part_eq_ptr + out, eq)
+    tl.store(part_max_ptr + out, m_all)
+    tl.store(part_sum_ptr + out, total)
+    tl.store(part_gt_ptr + out, tl.sum(gt, axis=0).to(tl.int64))
+    tl.store(part_eq_ptr + out, tl.sum(eq, axis=0).to(tl.int64))
     tl.store(part_bad_ptr + out, bad)
 
 
@@ -228,7 +275,8 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_col
     geometry = (tuple(logits.shape[:-1]), tuple(logits.stride()[:-1]), logits.stride(-1))
     external = target_logit is not None
     n_slices = triton.cdiv(n_cols, SLICE_COLS)
-    block = min(4096, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
+    # 8 elements a thread per tile (one or two 16-byte loads), SLICE_COLS / BLOCK terms per lane.
+    block = min(2048, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
     part_max = torch.empty(n_rows * n_slices, dtype=torch.float32, device=device)
     part_sum = torch.empty(n_rows * n_slices, dtype=torch.float64, device=device)
     part_gt = torch.empty(n_rows * n_slices, dtype=torch.int64, device=device)
@@ -240,7 +288,7 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_col
     _slice_kernel[(n_rows, n_slices)](
         logits, targets, target_logit_arg, *geometry, n_cols, ignore_index, *parts,
         SLICE=SLICE_COLS, BLOCK=block, N_LEAD=len(geometry[0]), EXTERNAL=external,
-        BF16_BITS=bf16_bits, num_warps=8 if block >= 2048 else 4)
+        BF16_BITS=bf16_bits, num_warps=max(1, min(8, block // 256)))
     accumulate = stats is not None
     layout = dict(zip(("ROW_COUNT", "ROW_SUM_HI", "ROW_SUM_LO", "ROW_COUNT_PESS", "ROW_SUM_HI_PESS",
                        "ROW_SUM_LO_PESS"), rows if accumulate else (0,) * 6))
