@@ -48,9 +48,11 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 
-# budget RESERVE: seconds a step may take so that the call ends by 570 s (the device's limit is
-# 600), leaving RESERVE seconds for the steps after it; at least 60.
-budget() { local b=$(( 570 - ($(date +%s) - T0) - $1 )); [ $b -lt 60 ] && b=60; echo $b; }
+# budget RESERVE: seconds a step may take so that the call ends by LIMIT s (the device's limit
+# is 600, or the session's device time left, whichever is less: set RANKOPS_SUITE_LIMIT lower
+# then), leaving RESERVE seconds for the steps after it; at least 60.
+LIMIT=${RANKOPS_SUITE_LIMIT:-570}
+budget() { local b=$(( LIMIT - ($(date +%s) - T0) - $1 )); [ $b -lt 60 ] && b=60; echo $b; }
 [ $DRY = 1 ] && budget() { echo 900; }
 say() { echo "[gpu_suite +$(( $(date +%s) - T0 ))s] $*"; }
 status() { sed -i "/^$1:/d" "$STATUS"; echo "$1: $2" >> "$STATUS"; say "$1: $2"; }
@@ -184,14 +186,15 @@ bench_tokens() {
 }
 
 bench_quick() {
-  # The headline and few-row shapes in bf16 only, when the tests left time (build+test).
-  local left=$(( 570 - ($(date +%s) - T0) ))
+  # The headline and few-row shapes (bf16; RANKOPS_QUICK_DTYPES to change), when the tests left
+  # time (build+test).
+  local left=$(( LIMIT - ($(date +%s) - T0) ))
   if [ $DRY = 0 ] && [ $left -lt 120 ]; then status bench_quick "skipped: ${left}s left"; return; fi
   local out="$STATE/results/token_stats_quick_$SUFFIX.jsonl"; rm -f "$out"
   local shapes=(16384x131072 64x262144 1x262144)
   [ $DRY = 1 ] && shapes=(8x1000)
   step bench_quick $(budget 15) "$PY" bench/bench_token_stats.py "${TS_ARGS[@]}" --shapes "${shapes[@]}" \
-      --dtypes bf16 --json "$out" \
+      --dtypes ${RANKOPS_QUICK_DTYPES:-bf16} --json "$out" \
     && status bench_quick "ok: $(wc -l < "$out") rows" || status bench_quick "FAIL: see bench_quick.log"
 }
 

@@ -522,7 +522,7 @@ def test_trainer_compute_loss_func_with_gradient_accumulation(tmp_path):
     assert any(not torch.allclose(a, b) for a, b in zip(one, with_lam))
 
 
-def test_shifted_view_is_never_copied(backend):
+def test_shifted_view_is_never_copied(backend, device):
     """Forward + backward on a [B, T-1, V] slice of [B, T, V] logits (the usual shifted view)
     allocates one tensor of the logits' size: the gradient. A reshape of the slice (which
     copies it) used to double the backward's peak memory. The torch reference may copy."""
@@ -530,13 +530,16 @@ def test_shifted_view_is_never_copied(backend):
         pytest.skip("the reference backend materialises temporaries by design")
     from torch.profiler import ProfilerActivity, profile
     B, T, V = 2, 9, 3000
-    big = torch.randn(B, T, V)
+    big = torch.randn(B, T, V, device=device)
     logits = big[:, :-1].detach().requires_grad_()  # a strided leaf: its grad is [B, T-1, V]
-    targets = torch.randint(0, V, (B, T - 1))
+    targets = torch.randint(0, V, (B, T - 1), device=device)
     n_bytes = logits.numel() * logits.element_size()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    on_gpu = device.type == "cuda"  # then the allocations to count are the GPU's
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, profile_memory=True) as prof:
         loss = rankops.compensated_cross_entropy(logits, targets, 0.3, backend=backend)
         loss.backward()
-    big_allocs = [e.name for e in prof.events() if e.self_cpu_memory_usage >= n_bytes]
+    usage = "self_device_memory_usage" if on_gpu else "self_cpu_memory_usage"
+    big_allocs = [e.name for e in prof.events() if getattr(e, usage) >= n_bytes]
     assert len(big_allocs) == 1, big_allocs
     assert logits.grad.shape == logits.shape

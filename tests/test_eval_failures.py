@@ -153,15 +153,16 @@ def test_ctrl_c_in_the_command_then_resume_equals_uninterrupted(model_dir, docs,
 @pytest.mark.parametrize("other, field", [(["--dtype", "bfloat16"], "dtype: 'float32' there, 'bfloat16' now"),
                                           (["--backend", "torch"], "backend: 'cpu' there, 'torch' now")])
 def test_resume_refuses_another_dtype_or_backend(model_dir, docs, tmp_path, capsys, other, field):
-    interrupted(eval_args(model_dir, docs, tmp_path), after_batches=2, capsys=capsys)
-    assert main(eval_args(model_dir, docs, tmp_path, "--resume", *other)) == 2
+    cpu = ("--device", "cpu")  # the default is cuda where present, and backend "auto" follows it
+    interrupted(eval_args(model_dir, docs, tmp_path, *cpu), after_batches=2, capsys=capsys)
+    assert main(eval_args(model_dir, docs, tmp_path, *cpu, "--resume", *other)) == 2
     line = error_line(capsys)
     assert "checkpoint.pt" in line and "different run" in line and field in line
-    assert main(eval_args(model_dir, docs, tmp_path, "--resume")) == 0  # the same settings go on
+    assert main(eval_args(model_dir, docs, tmp_path, *cpu, "--resume")) == 0  # the same settings go on
 
 
 def test_results_record_the_resolved_backend_and_the_dtype(model_dir, docs, tmp_path):
-    assert main(eval_args(model_dir, docs, tmp_path)) == 0
+    assert main(eval_args(model_dir, docs, tmp_path, "--device", "cpu")) == 0  # not cuda, even if present
     results = json.loads(next(tmp_path.glob("*/*/results.json")).read_text())
     assert results["model"]["dtype"] == "float32"
     assert results["versions"]["backend"] == "cpu" == results["compute"]["backend"]  # not "auto"

@@ -2,13 +2,19 @@
 
 Integer-valued inputs make every product and sum exact (|logit| < 256 is exact in bf16 too), so
 the block path's logits equal F.linear's and every result must equal token_stats on the full
-logits bit for bit, on the same backend. Random inputs agree within rounding."""
+logits bit for bit, on the same backend. Random inputs agree within rounding.
+
+Inputs are made on the CPU and moved to where the backend needs them (device_for: a GPU for
+"triton" unless it runs interpreted); references are computed, and results compared, on the CPU."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rankops
 from rankops.ops import linear_token_stats as lts
+from rankops.ops.token_stats import TokenStats
 
 HOST = [b for b in ("triton", "cpu", "torch") if b in rankops.available_backends()]
 SLICE = 16384
@@ -17,6 +23,23 @@ V = 40000  # not a multiple of any block size used here: a short last block
 # still not a multiple of its tiles (128 on a GPU, up to 1024 interpreted), cut into 3
 # programs' splits of 1024 columns, so that split and tile boundaries lie inside it.
 V_TRITON, SPLIT_TRITON = 3000, 1024
+
+
+def device_for(backend):
+    """Where a backend's inputs must live: "triton" takes CUDA tensors, or CPU tensors under its
+    interpreter (TRITON_INTERPRET=1, how CI runs it without a GPU); the others here, CPU tensors."""
+    if backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def on(device, *tensors):
+    """The tensors moved to device (None stays None)."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def to_cpu(stats):
+    return TokenStats(*(x.cpu() for x in stats))
 
 
 def sizes(backend):
@@ -44,6 +67,7 @@ def boundary_targets(n, v, seed=1, block=SLICE):
 
 def assert_same(got, want):
     for name, a, b in zip(("rank", "ties", "logp"), got, want):
+        a, b = a.cpu(), b.cpu()  # compared on one device (a GPU backend's results on the host)
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
 
@@ -55,7 +79,7 @@ LOGP_RTOL = LOGP_ATOL = 1e-5
 
 def full_logits_stats(logits, targets, backend, **kwargs):
     """token_stats on F.linear's logits, on the backend whose logp is bit for bit comparable:
-    the same one, except for "triton", which is compared with the C++ kernel."""
+    the same one, except for "triton", which is compared with the C++ kernel (CPU tensors)."""
     return rankops.token_stats(logits, targets, backend="cpu" if backend == "triton" else backend, **kwargs)
 
 
@@ -63,6 +87,7 @@ def assert_stats_equal(got, want, backend):
     """rank and ties exactly; logp exactly, or within fp32 rounding of the sum on "triton"."""
     if backend != "triton":
         return assert_same(got, want)
+    got, want = to_cpu(got), to_cpu(want)
     assert_same(got[:2], want[:2])
     assert got.logp.dtype == want.logp.dtype == torch.float32
     torch.testing.assert_close(got.logp, want.logp, rtol=LOGP_RTOL, atol=LOGP_ATOL, equal_nan=True)
@@ -78,8 +103,8 @@ def test_integer_inputs_equal_full_logits(backend, dtype, with_bias):
     hidden, weight, bias = int_inputs(300, 27, v, dtype, bias=with_bias)
     targets = boundary_targets(300, v, block=first)
     want = full_logits_stats(F.linear(hidden, weight, bias), targets, backend)
-    got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend=backend,
-                                     block_size=block)
+    h, w, t, b = on(device_for(backend), hidden, weight, targets, bias)
+    got = rankops.linear_token_stats(h, w, t, bias=b, backend=backend, block_size=block)
     assert int(got.ties.sum()) > 0  # ties occur and are counted
     assert_stats_equal(got, want, backend)
 
@@ -99,8 +124,8 @@ def test_block_sizes(backend, block_size, monkeypatch):
     hidden, weight, bias = int_inputs(64, 8, v, torch.float32, seed=2)
     targets = boundary_targets(64, v, seed=3, block=min(block_size, v - 1))
     want = full_logits_stats(F.linear(hidden, weight, bias), targets, backend)
-    got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend=backend,
-                                     block_size=block_size)
+    h, w, t, b = on(device_for(backend), hidden, weight, targets, bias)
+    got = rankops.linear_token_stats(h, w, t, bias=b, backend=backend, block_size=block_size)
     assert_stats_equal(got, want, backend)
 
 
@@ -134,11 +159,13 @@ def test_vocab_size_padding(backend):
     padded_bias = torch.cat([bias, torch.full((64,), 3.0)])
     targets = boundary_targets(100, v, seed=6, block=first)
     want = full_logits_stats(F.linear(hidden, weight, bias), targets, backend)
+    dev = device_for(backend)
+    hidden, padded, padded_bias, targets = on(dev, hidden, padded, padded_bias, targets)
     got = rankops.linear_token_stats(hidden, padded, targets, bias=padded_bias, vocab_size=v,
                                      backend=backend, block_size=block)
     assert_stats_equal(got, want, backend)
     with pytest.raises(ValueError, match="targets"):  # a target in the padding is out of range
-        rankops.linear_token_stats(hidden, padded, torch.full((100,), v + 1), bias=padded_bias,
+        rankops.linear_token_stats(hidden, padded, torch.full((100,), v + 1, device=dev), bias=padded_bias,
                                    vocab_size=v, backend=backend)
 
 
@@ -154,10 +181,12 @@ def test_tied_weights_and_nd_hidden(backend):
     hidden = emb(ids).detach() + torch.randint(-1, 2, (3, 50, 8)).float()  # [B, T, D]
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = -100
+    want = full_logits_stats(F.linear(hidden, emb.weight.detach()), targets, backend)
+    emb.to(device_for(backend))  # in place: its weight stays the Parameter that requires grad
+    hidden, targets = on(emb.weight.device, hidden, targets)
     got = rankops.linear_token_stats(hidden, emb.weight, targets, backend=backend, block_size=block)
     assert got.rank.shape == got.logp.shape == (3, 50)
     assert not got.logp.requires_grad
-    want = full_logits_stats(F.linear(hidden, emb.weight.detach()), targets, backend)
     assert_stats_equal(got, want, backend)
     flat = rankops.linear_token_stats(hidden.reshape(-1, 8), emb.weight, targets.reshape(-1),
                                       backend=backend, block_size=block)
@@ -172,11 +201,13 @@ def test_ignore_index(backend):
     hidden, weight, bias = int_inputs(40, 8, 3000, torch.float32, seed=7)
     targets = torch.randint(0, 3000, (40,))
     targets[::3] = 2999  # ignore_index may be any int, a valid class index included
-    got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, ignore_index=2999, backend=backend)
     want = full_logits_stats(F.linear(hidden, weight, bias), targets, backend, ignore_index=2999)
+    dev = device_for(backend)
+    hidden, weight, bias, targets = on(dev, hidden, weight, bias, targets)
+    got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, ignore_index=2999, backend=backend)
     assert_stats_equal(got, want, backend)
     assert (got.rank[::3] == -1).all() and (got.logp[::3] == 0).all() and (got.ties[::3] == 0).all()
-    none = rankops.linear_token_stats(hidden, weight, torch.full((40,), -100), backend=backend)
+    none = rankops.linear_token_stats(hidden, weight, torch.full((40,), -100, device=dev), backend=backend)
     assert (none.rank == -1).all() and (none.logp == 0).all()
 
 
@@ -187,6 +218,8 @@ def test_nonfinite_logits(backend):
     v, block, first = sizes(backend)
     hidden, weight, bias = int_inputs(60, 8, v, torch.float32, seed=8)
     targets = boundary_targets(60, v, seed=9, block=first)
+    dev = device_for(backend)
+    h, w, t = on(dev, hidden, weight, targets)
     for cols, value in (([5], float("inf")), ([v // 2], float("nan")), ([5, 3 * v // 4], float("inf")),
                         (list(range(0, v, 2)), float("-inf"))):
         b = bias.clone()
@@ -194,9 +227,9 @@ def test_nonfinite_logits(backend):
         if value == float("inf") and len(cols) == 2:
             b[v - 1000] = float("nan")  # +inf and NaN in different blocks: NaN wins
         with pytest.raises(ValueError, match="non-finite"):
-            rankops.linear_token_stats(hidden, weight, targets, bias=b, backend=backend, block_size=block)
+            rankops.linear_token_stats(h, w, t, bias=b.to(dev), backend=backend, block_size=block)
         want = full_logits_stats(F.linear(hidden, weight, b), targets, backend, check_finite=False)
-        got = rankops.linear_token_stats(hidden, weight, targets, bias=b, backend=backend,
+        got = rankops.linear_token_stats(h, w, t, bias=b.to(dev), backend=backend,
                                          check_finite=False, block_size=block)
         assert_stats_equal(got, want, backend)
 
@@ -214,11 +247,12 @@ def test_nonfinite_hidden(backend):
     hidden[0, 3, 0] = float("nan")
     hidden[1, 17, 5] = float("inf")
     hidden[1, 30, :] = float("-inf")
+    want = full_logits_stats(F.linear(hidden, weight, bias), targets, backend, check_finite=False)
+    hidden, weight, bias, targets = on(device_for(backend), hidden, weight, bias, targets)
     with pytest.raises(ValueError, match=r"non-finite.*\(1, 17\)"):
         rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend=backend, block_size=block)
     got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend=backend,
                                      check_finite=False, block_size=block)
-    want = full_logits_stats(F.linear(hidden, weight, bias), targets, backend, check_finite=False)
     assert_stats_equal(got, want, backend)
     assert got.logp[1, 17].isnan() and got.logp[1, 30].isnan()  # NaN columns in both rows
     assert got.rank[0, 3] == -1 and got.logp[0, 3] == 0
@@ -233,6 +267,8 @@ def test_update_linear_equals_update(backend):
     # The same backend's kernel on the full logits (for triton the C++ one: its logp sums in
     # another order anyway, so there the counts are compared exactly and the sums closely).
     a.update(F.linear(hidden, weight, bias), targets, backend="cpu" if backend == "triton" else backend)
+    dev = device_for(backend)  # b's state follows its first batch there
+    hidden, weight, bias, targets = on(dev, hidden, weight, bias, targets)
     b.update_linear(hidden, weight, targets, bias=bias, backend=backend, block_size=block)
     assert int(a.n_tied) == int(b.n_tied) > 0
     if backend == "triton":
@@ -243,7 +279,7 @@ def test_update_linear_equals_update(backend):
         assert torch.equal(a.stats, b.stats)
     before = b.stats.clone()
     with pytest.raises(ValueError, match="targets"):
-        b.update_linear(hidden, weight, torch.full((200,), v + 5), backend=backend)
+        b.update_linear(hidden, weight, torch.full((200,), v + 5, device=dev), backend=backend)
     assert torch.equal(b.stats, before)  # a call that raises adds nothing
 
 
@@ -290,6 +326,11 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(100, 8), targets=torch.tensor([0, 1, 2, 3]))
     args.update(kwargs)
     hidden, weight, targets = args.pop("hidden"), args.pop("weight"), args.pop("targets")
+    # On the backend's device, so that the error is the argument's, not the device's.
+    dev = device_for(args.get("backend"))
+    hidden, weight, targets = on(dev, hidden, weight, targets)
+    if args.get("bias") is not None:
+        args["bias"] = args["bias"].to(dev)
     with pytest.raises(error, match=match):
         rankops.linear_token_stats(hidden, weight, targets, **args)
 
@@ -332,7 +373,9 @@ def test_triton_random_inputs_near_ties_only(dtype):
     bias = (0.1 * torch.randn(v, generator=g)).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[:3] = torch.tensor([0, 1023, 1024])
-    got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend="triton", block_size=1024)
+    dev = device_for("triton")
+    got = to_cpu(rankops.linear_token_stats(*on(dev, hidden, weight, targets), bias=bias.to(dev),
+                                            backend="triton", block_size=1024))
     want = rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend="torch", block_size=1024)
     full64 = F.linear(hidden.double(), weight.double(), bias.double())
     # Two fp32 sums of the same D exact products differ by at most ~D * eps * sum |h w|; after
@@ -360,6 +403,8 @@ def test_triton_nd_hidden_strided_and_op():
     hidden = wide.reshape(2, 30, 24)[..., ::2]           # [2, 30, 12], stride 2 along D
     targets = torch.randint(0, V_TRITON, (2, 30), generator=torch.Generator().manual_seed(24))
     want = full_logits_stats(F.linear(hidden, weight, bias), targets, "triton")
+    wide, weight, bias, targets = on(device_for("triton"), wide, weight, bias, targets)
+    hidden = wide.reshape(2, 30, 24)[..., ::2]           # the same view, where triton runs
     got = rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend="triton", block_size=4096)
     assert_stats_equal(got, want, "triton")
     op = lts.linear_token_stats_op(hidden, weight, bias, targets, -100, V_TRITON, 1024, "triton")
@@ -383,15 +428,28 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
 
 @needs_triton
 def test_triton_memory_is_o_n(monkeypatch):
-    """No tensor near N * V: the largest the Triton path allocates is per (row, split)."""
+    """No tensor near N * V: the largest the Triton path allocates is per (row, split). On a GPU,
+    device memory: everything the call holds at its peak together."""
     from torch.profiler import ProfilerActivity, profile
     n = 1024
-    hidden, weight, bias = int_inputs(n, 8, V_TRITON, torch.float32, seed=25)
-    targets = torch.randint(0, V_TRITON, (n,))
+    dev = device_for("triton")
+    hidden, weight, bias = on(dev, *int_inputs(n, 8, V_TRITON, torch.float32, seed=25))
+    targets = torch.randint(0, V_TRITON, (n,)).to(dev)
+    n_splits = -(-V_TRITON // 1024)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)  # the inputs
+        rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend="triton", block_size=1024)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        # Five partials per (row, split) (32 bytes) and the per-row outputs (under 32 bytes a
+        # row): at most 64 bytes per (row, split) in all.
+        assert 0 < peak <= 64 * n * n_splits <= n * V_TRITON * 4 / 20, peak
+        return
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         rankops.linear_token_stats(hidden, weight, targets, bias=bias, backend="triton", block_size=1024)
     largest = max(e.self_cpu_memory_usage for e in prof.events())
-    n_splits = -(-V_TRITON // 1024)
     # int64 partials per (row, split), or a host copy of an input (the interpreter's).
     assert 0 < largest <= max(8 * n * n_splits, weight.numel() * 4) <= n * V_TRITON * 4 / 20, largest
 

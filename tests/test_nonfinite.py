@@ -70,8 +70,9 @@ def _special(n_vocab):
     ]
 
 
-def _table(dtype, n_vocab, seed=0):
-    """logits [R, n_vocab], targets [R], the cases' names and vocab_sizes, one row per case."""
+def _table(dtype, n_vocab, seed=0, device="cpu"):
+    """logits [R, n_vocab] and targets [R] on device, the cases' names and vocab_sizes, one row
+    per case."""
     cases = _special(n_vocab)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(len(cases), n_vocab, generator=g, dtype=torch.float64) * 3
@@ -87,7 +88,7 @@ def _table(dtype, n_vocab, seed=0):
             for col, val in values.items():
                 z[i, col] = val
     targets = torch.tensor([c[2] for c in cases])
-    return z.to(dtype), targets, cases
+    return z.to(dtype).to(device), targets.to(device), cases
 
 
 def _check(got, want, where):
@@ -106,13 +107,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("n_vocab", [7, 5000, 40000])
-def test_nonfinite_rows_follow_the_definition(backend, dtype, n_vocab):
+def test_nonfinite_rows_follow_the_definition(backend, device, dtype, n_vocab):
     if dtype == torch.float64 and backend != "torch":
         pytest.skip("float64 logits: torch backend only")
     if n_vocab > 16384 and backend == "triton" and dtype != torch.float32:
         pytest.skip("several slices per row: float32 is enough under the slow interpreter")
-    z, targets, cases = _table(dtype, n_vocab)
-    z_np = z.double().numpy()
+    z, targets, cases = _table(dtype, n_vocab, device=device)
+    z_np = z.double().cpu().numpy()
     for i, (name, _, t, vs) in enumerate(cases):
         s = rankops.token_stats(z[i:i + 1], targets[i:i + 1], vocab_size=vs, backend=backend,
                                 check_finite=False)
@@ -121,13 +122,13 @@ def test_nonfinite_rows_follow_the_definition(backend, dtype, n_vocab):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nonfinite_rows_in_one_batch_agree_across_backends(backend, dtype):
+def test_nonfinite_rows_in_one_batch_agree_across_backends(backend, device, dtype):
     """All cases in one call (and a strided view): each row as on its own, as the definition."""
-    z, targets, cases = _table(dtype, 5000, seed=1)
-    wide = torch.zeros(z.shape[0], z.shape[1] + 3, dtype=dtype)
+    z, targets, cases = _table(dtype, 5000, seed=1, device=device)
+    wide = torch.zeros(z.shape[0], z.shape[1] + 3, dtype=dtype, device=device)
     wide[:, 1:-2] = z
     view = wide[:, 1:-2]
-    z_np = z.double().numpy()
+    z_np = z.double().cpu().numpy()
     s = rankops.token_stats(view, targets, backend=backend, check_finite=False)
     for i, (name, _, t, _) in enumerate(cases):
         got = (int(s.rank[i]), int(s.ties[i]), float(s.logp[i]))
@@ -136,31 +137,31 @@ def test_nonfinite_rows_in_one_batch_agree_across_backends(backend, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_vocab", [7, 5000])
-def test_target_logit_mode_follows_the_definition(backend, dtype, n_vocab):
+def test_target_logit_mode_follows_the_definition(backend, device, dtype, n_vocab):
     """The vocabulary-parallel mode: z_t is given and may lie outside the shard; logp is
     z_t - logsumexp(shard) by the same rules, ties count every equal column."""
-    z, targets, cases = _table(dtype, n_vocab, seed=2)
-    z_np = z.double().numpy()
+    z, targets, cases = _table(dtype, n_vocab, seed=2, device=device)
+    z_np = z.double().cpu().numpy()
     external = [0.25, INF, -INF, NAN, 1e30 if dtype != torch.float16 else 6e4, -200.0]
     for i, (name, _, t, vs) in enumerate(cases):
         n_cols = vs or n_vocab
         for z_t in [float(z_np[i, t])] + external:
             # a value of the logits' dtype, as a shard's target logit always is
-            t_logit = torch.tensor([z_t], dtype=torch.float32).to(dtype).float()
+            t_logit = torch.tensor([z_t], dtype=torch.float32).to(dtype).float().to(device)
             rank, ties, logp, _ = token_stats_op(z[i:i + 1], targets[i:i + 1], -100, n_cols, backend,
                                                  t_logit)
             got = (int(rank[0]), int(ties[0]), float(logp[0]))
             _check(got, _expected(z_np[i], t, n_cols, float(t_logit[0])), (name, z_t, backend))
 
 
-def test_all_minus_inf_shard_below_external_target(backend):
+def test_all_minus_inf_shard_below_external_target(backend, device):
     """A shard far below the (external) target logit: its logsumexp is still exact."""
-    z = torch.full((1, 3000), -200.0)
+    z = torch.full((1, 3000), -200.0, device=device)
     z[0, 5] = -150.0
     for z_t in (0.0, 50.0):
-        _, _, logp, _ = token_stats_op(z, torch.tensor([1]), -100, 3000, backend,
-                                       torch.tensor([z_t]))
-        want = z_t - _lse(z[0].double().numpy())
+        _, _, logp, _ = token_stats_op(z, torch.tensor([1], device=device), -100, 3000, backend,
+                                       torch.tensor([z_t], device=device))
+        want = z_t - _lse(z[0].double().cpu().numpy())
         assert abs(float(logp[0]) - want) <= 1e-5 * abs(want), (z_t, float(logp[0]), want)
 
 

@@ -16,23 +16,23 @@ INT_DTYPES = [getattr(torch, name) for name in ("int8", "uint8", "int16", "uint1
                                                  "uint32", "int64", "uint64") if hasattr(torch, name)]
 
 
-def _case(dtype, n_vocab=300):
-    """(logits, int64 targets, the same targets in dtype): the values that used to fail, where
-    the dtype can hold them (156 = -100 wrapped to uint8; 44..127 for int8; 30000 for V > 32767),
-    and ignored rows where the dtype can hold -100."""
+def _case(dtype, n_vocab=300, device="cpu"):
+    """(logits, int64 targets, the same targets in dtype), on device: the values that used to
+    fail, where the dtype can hold them (156 = -100 wrapped to uint8; 44..127 for int8; 30000 for
+    V > 32767), and ignored rows where the dtype can hold -100."""
     info = torch.iinfo(dtype)
     wanted = [156, 0, 44, 100, 127, 200, 255, 299, 30000, 39999, n_vocab - 1, 7, -100, 5]
     values = [v for v in wanted if info.min <= v <= info.max and (v < n_vocab or v == -100)]
     g = torch.Generator().manual_seed(len(values) + n_vocab)
     logits = torch.randn(len(values), n_vocab, generator=g)
     t64 = torch.tensor(values, dtype=torch.int64)
-    return logits, t64, t64.to(dtype)
+    return logits.to(device), t64.to(device), t64.to(dtype).to(device)
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
 @pytest.mark.parametrize("n_vocab", [300, 40000])
-def test_token_stats_every_integer_dtype(backend, dtype, n_vocab):
-    logits, t64, t = _case(dtype, n_vocab)
+def test_token_stats_every_integer_dtype(backend, device, dtype, n_vocab):
+    logits, t64, t = _case(dtype, n_vocab, device)
     want = rankops.token_stats(logits, t64, backend=backend)
     got = rankops.token_stats(logits, t, backend=backend)
     for a, b in zip(got, want):
@@ -43,8 +43,8 @@ def test_token_stats_every_integer_dtype(backend, dtype, n_vocab):
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-def test_out_of_range_narrow_target_raises(backend, dtype):
-    logits, t64, t = _case(dtype, 300)
+def test_out_of_range_narrow_target_raises(backend, device, dtype):
+    logits, t64, t = _case(dtype, 300, device)
     bad = t.clone()
     bad[1] = 255 if torch.iinfo(dtype).max >= 255 else 127  # >= V = 100
     with pytest.raises(ValueError, match="targets must lie in"):
@@ -52,11 +52,11 @@ def test_out_of_range_narrow_target_raises(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-def test_accumulator_update_every_integer_dtype(backend, dtype):
-    logits, t64, t = _case(dtype, 300)
-    want = rankops.RankAccumulator(300)
+def test_accumulator_update_every_integer_dtype(backend, device, dtype):
+    logits, t64, t = _case(dtype, 300, device)
+    want = rankops.RankAccumulator(300, device=device)
     want.update(logits, t64, backend=backend)
-    got = rankops.RankAccumulator(300)
+    got = rankops.RankAccumulator(300, device=device)
     got.update(logits, t, backend=backend)
     assert torch.equal(got.stats, want.stats)
     assert int(got.n_tied) == int(want.n_tied)
@@ -77,8 +77,8 @@ def test_update_stats_every_integer_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-def test_compensated_cross_entropy_every_integer_dtype(backend, dtype):
-    logits, t64, t = _case(dtype, 300)
+def test_compensated_cross_entropy_every_integer_dtype(backend, device, dtype):
+    logits, t64, t = _case(dtype, 300, device)
     results = []
     for targets in (t64, t):
         z = logits.clone().requires_grad_(True)
@@ -102,8 +102,8 @@ def one_process_group(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-def test_vocab_parallel_every_integer_dtype(one_process_group, backend, dtype):
-    logits, t64, t = _case(dtype, 300)
+def test_vocab_parallel_every_integer_dtype(one_process_group, backend, device, dtype):
+    logits, t64, t = _case(dtype, 300, device)
     want = rankops.token_stats_vocab_parallel(logits, t64, vocab_start=0, backend=backend)
     got = rankops.token_stats_vocab_parallel(logits, t, vocab_start=0, backend=backend)
     for a, b in zip(got, want):

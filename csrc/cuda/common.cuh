@@ -15,10 +15,30 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)): one MUFU.EX2
 constexpr float kLog2eLo = 1.92596299e-8f;     // log2(e) - kLog2e: the fp32 constant is that low
 
-// exp(d) for the sums of logsumexp. exp2f(d * kLog2e) alone has a one-sided error: kLog2e is
-// 1.3e-8 (relative) below log2(e), so exp(d), d <= 0, comes out (1 + 1.3e-8 |d|) too large and
-// logp ~1.3e-8 times the softmax's mean |d| (a few nats) too low. One more FMA removes it.
-__device__ inline float exp_of(float d) { return exp2f(fmaf(d, kLog2e, d * kLog2eLo)); }
+// exp(d), d <= 0 (or -inf, or NaN), for the sums of logsumexp, without a one-sided error.
+// The hardware's exp2 (MUFU.EX2, what exp2f and __expf become) errs low on average: on an H100
+// logp came out ~4e-8 high on average over a realistic sample (tests/test_logp_bias.py: bound
+// 2e-8), a bias that a corpus mean does not average away. So 2^t, t = d log2(e), is computed on
+// the FMA units: t = j + f with j an integer and |f| <= 1/2, 2^f by a degree-6 polynomial
+// (relative error under 2e-9, mean ~0), times 2^j built in the exponent bits. log2(e) is split
+// in two fp32 constants: kLog2e alone is 1.3e-8 (relative) low, which would read logp ~1e-8
+// times the softmax's mean |d| low. Below 2^-126 (d < -87.3) the term is 0; NaN stays NaN.
+__device__ inline float exp_of(float d) {
+  const float t = fmaf(d, kLog2e, d * kLog2eLo);
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: t + kRound rounds t to an integer
+  const float r = t + kRound;
+  const float f = t - (r - kRound);
+  float p = 0.00015345810970757157f;  // coefficients of f^6 down to f^0
+  p = fmaf(p, f, 0.0013399930903688073f);
+  p = fmaf(p, f, 0.009618489071726799f);
+  p = fmaf(p, f, 0.05550328642129898f);
+  p = fmaf(p, f, 0.24022646248340607f);
+  p = fmaf(p, f, 0.6931471824645996f);
+  p = fmaf(p, f, 1.0f);
+  const int j = __float_as_int(r) - 0x4B400000;  // the integer t was rounded to
+  const float y = p * __int_as_float((j + 127) << 23);
+  return t >= -126.0f ? y : (t != t ? t : 0.0f);
+}
 
 // Exact upcasts: bf16 and fp16 are subsets of fp32.
 template <typename T> __device__ inline float to_float(T v);

@@ -160,26 +160,31 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
   const int64_t end = keep ? min(begin + slice_cols, z.n_cols) : begin;  // ignored: read nothing
 
   Acc acc{first_ref(a, target), 0.0f, -INFINITY, INFINITY, 0.0, 0, 0};
-  if (z.col_stride == 1) {
-    // 16-byte loads over the aligned body; scalar head and tail (under one vector each).
-    const VecSpan v = vec_span<T>(reinterpret_cast<uintptr_t>(row_ptr + begin), begin, end);
-    for (int64_t c = begin + threadIdx.x; c < v.body; c += kThreads)
-      acc.add(to_float(row_ptr[c]), target);
-    // kUnroll vectors are loaded before any is summed, so each thread keeps kUnroll 16-byte
+  // The order of the adds depends on column indices alone, never on addresses or strides, so a
+  // strided view gives the bits of its contiguous copy: the slice is cut into groups of kVec
+  // columns (begin is a multiple of kVec), thread t takes groups t, t + kThreads, ..., adding a
+  // group's kVec terms in column order and then flushing; the columns after the last whole group
+  // go one per thread, unflushed. Where the row is contiguous and 16-byte aligned a group is one
+  // 16-byte load; elsewhere (a column stride, or rows of an odd length) the same groups are read
+  // element by element.
+  const int64_t n_vec = (end - begin) / kVec<T>;
+  const int64_t tail = begin + n_vec * kVec<T>;
+  if (z.col_stride == 1 && reinterpret_cast<uintptr_t>(row_ptr + begin) % 16 == 0) {
+    // kUnroll groups are loaded before any is summed, so each thread keeps kUnroll 16-byte
     // loads in flight (one at a time leaves the memory system idle between them at the
-    // occupancy these registers allow). Streamed once: no reuse, so no L1 allocation.
-    const uint4* vec = reinterpret_cast<const uint4*>(row_ptr + v.body);
+    // occupancy these registers allow). Streamed once: evict-first loads.
+    const uint4* vec = reinterpret_cast<const uint4*>(row_ptr + begin);
     constexpr int kUnroll = 4;
-    for (int64_t i0 = threadIdx.x; i0 < v.n_vec; i0 += kUnroll * kThreads) {
+    for (int64_t i0 = threadIdx.x; i0 < n_vec; i0 += kUnroll * kThreads) {
       uint4 raw[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + u * kThreads;
-        if (i < v.n_vec) raw[u] = __ldcs(vec + i);
+        if (i < n_vec) raw[u] = __ldcs(vec + i);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (i0 + u * kThreads < v.n_vec) {
+        if (i0 + u * kThreads < n_vec) {
           const T* x = reinterpret_cast<const T*>(&raw[u]);
 #pragma unroll
           for (int j = 0; j < kVec<T>; ++j) acc.add(to_float(x[j]), target);
@@ -187,14 +192,16 @@ slice_kernel(const KernelArgs a, int64_t slice_cols, int64_t n_slices, Partials 
         }
       }
     }
-    for (int64_t c = v.tail + threadIdx.x; c < end; c += kThreads)
-      acc.add(to_float(row_ptr[c]), target);
   } else {
-    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
-      acc.add(to_float(row_ptr[c * z.col_stride]), target);
+    for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
+      const int64_t c0 = begin + i * kVec<T>;
+#pragma unroll
+      for (int j = 0; j < kVec<T>; ++j) acc.add(to_float(row_ptr[(c0 + j) * z.col_stride]), target);
       acc.flush();
     }
   }
+  for (int64_t c = tail + threadIdx.x; c < end; c += kThreads)
+    acc.add(to_float(row_ptr[c * z.col_stride]), target);
   acc.flush();
 
   // Fixed-order reduction: within each warp, then across warps in warp order.
@@ -250,7 +257,10 @@ __global__ void finish_kernel(const KernelArgs a, int64_t n_slices, Partials par
   Acc acc{-INFINITY, 0.0f, -INFINITY, INFINITY, 0.0, 0, 0};
   int64_t gt = 0, eq = 0;
   int32_t saw = 0;
-  for (int64_t s = 0; s < n_slices; ++s) {  // slice order: never depends on scheduling
+  // Slice order: never depends on scheduling. Unrolled so that several slices' partials are
+  // loaded before they are merged (few rows with a huge vocabulary have up to 128 slices).
+#pragma unroll 8
+  for (int64_t s = 0; s < n_slices; ++s) {
     const int64_t i = row * n_slices + s;
     acc.merge(Acc{parts.ref[i], 0.0f, -INFINITY, INFINITY, parts.sum[i], 0, 0});
     gt += parts.gt[i];

@@ -613,6 +613,9 @@ def options_from_args(args, profile: str) -> BenchOptions:
                 raise ValueError(f"--backends: {b!r} is not available here{hint}; available: {', '.join(available)}")
             if b != "torch" and b not in ON_DEVICE[device]:
                 raise ValueError(f"--backends: {b!r} does not run on --device {device}")
+            if b == "triton" and device == "cpu" and not triton_interpreted():
+                raise ValueError("--backends: 'triton' runs on --device cpu only under TRITON_INTERPRET=1; "
+                                 "use --device cuda")
     names = DEFAULT_BASELINES[device] if args.baselines is None else \
         (BASELINES if "all" in args.baselines else tuple(args.baselines))
     if "torch" in backends and "torch" not in names:

@@ -35,9 +35,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Looked up once, at import: this runs inside ops that torch.compile traces, and Dynamo refuses
+# to trace importlib.util.find_spec (fullgraph=True failed on a GPU machine).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable() -> bool:
     # Triton runs on CUDA devices, and on the CPU under its interpreter (TRITON_INTERPRET=1).
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False
     return torch.cuda.is_available() or triton_interpreted()
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankops.ops.common import triton_interpreted
+
 SLICE_COLS = 16384   # columns per program: keeps few-row, huge-V inputs spread over the GPU
 # log2(e) = LOG2E_HI + LOG2E_LO. exp(d) as exp2(d * LOG2E_HI) alone has a one-sided error: the
 # fp32 constant is 1.3e-8 (relative) low, so every term exp(d), d <= 0, comes out (1 + 1.3e-8 |d|)
@@ -82,6 +84,28 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
+def _exp(d):
+    """exp(d) for d <= 0 (or -inf, or NaN) without a one-sided error: tl.exp2 (the hardware's
+    MUFU.EX2) errs low on average, which read logp ~3e-8 high on average on an H100 (the bound
+    of tests/test_logp_bias.py is 2e-8). 2^t, t = d log2(e) = j + f with j an integer and
+    |f| <= 1/2: 2^f by a degree-6 polynomial (relative error under 2e-9, mean ~0) on the FMA
+    units, times 2^j built in the exponent bits. Below 2^-126 the term is 0; NaN stays NaN.
+    The CUDA kernel's exp_of (csrc/cuda/common.cuh) is the same arithmetic."""
+    t = tl.fma(d, LOG2E_HI, d * LOG2E_LO)
+    r = t + 12582912.0  # 1.5 * 2^23: rounds t to an integer
+    f = t - (r - 12582912.0)
+    p = tl.fma(f, 0.00015345810970757157, 0.0013399930903688073)
+    p = tl.fma(p, f, 0.009618489071726799)
+    p = tl.fma(p, f, 0.05550328642129898)
+    p = tl.fma(p, f, 0.24022646248340607)
+    p = tl.fma(p, f, 0.6931471824645996)
+    p = tl.fma(p, f, 1.0)
+    j = r.to(tl.int32, bitcast=True) - 0x4B400000
+    y = p * ((j + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(t >= -126.0, y, tl.where(t != t, t, 0.0))
+
+
+@triton.jit
 def _lane_update(x, z_t, m, s, gt, eq, lo, inside, MASKED: tl.constexpr):
     """One tile into the per-lane statistics: counts above and equal to the target, the lowest
     non-NaN value, and the online sum of exp(x - m) against the lane's running max m with ONE
@@ -89,6 +113,8 @@ def _lane_update(x, z_t, m, s, gt, eq, lo, inside, MASKED: tl.constexpr):
     x > m. NaN never passes x > m (m stays NaN-free) and turns the lane's sum NaN; a second +inf
     does too (inf - inf): the slice's end tells the two apart. A masked lane holds -inf (adds
     exp(-inf) = 0, counts above nothing) and is kept out of eq and lo by `inside`."""
+    if MASKED:  # a masked lane is -inf whatever the load's `other` gave
+        x = tl.where(inside, x, float("-inf"))
     gt += (x > z_t).to(tl.int32)
     if MASKED:
         eq += (inside & (x == z_t)).to(tl.int32)
@@ -97,7 +123,7 @@ def _lane_update(x, z_t, m, s, gt, eq, lo, inside, MASKED: tl.constexpr):
         eq += (x == z_t).to(tl.int32)
         lo = tl.where(x < lo, x, lo)
     a = -tl.abs(x - m)  # subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX
-    e = tl.exp2(a * LOG2E_HI + a * LOG2E_LO)
+    e = _exp(a)
     up = x > m
     s = tl.where(up, s * e + 1.0, s + e)
     m = tl.where(up, x, m)
@@ -153,7 +179,7 @@ def _slice_kernel(logits_ptr, targets_ptr, target_logit_ptr, lead_sizes, lead_st
     # tree: bit-identical run after run).
     m_all = tl.max(m, axis=0)
     d = m - m_all
-    w = tl.exp2(d * LOG2E_HI + d * LOG2E_LO)
+    w = _exp(d)
     total = tl.sum(s.to(tl.float64) * w.to(tl.float64), axis=0)
     lane_nan = tl.max((s != s).to(tl.int32), axis=0)
     pos_inf = m_all == float("inf")
@@ -269,7 +295,9 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_col
         return rank, ties, logp, bad
     if logits.dim() == 1:  # one row without leading dimensions
         logits = logits.unsqueeze(0)
-    bf16_bits = logits.dtype == torch.bfloat16
+    # The interpreter reads bf16 as raw bits (its own conversion flushes subnormals); compiled
+    # kernels load bf16 natively, an exact upcast.
+    bf16_bits = logits.dtype == torch.bfloat16 and triton_interpreted()
     if bf16_bits:
         logits = logits.view(torch.int16)  # same strides, the raw bit patterns
     geometry = (tuple(logits.shape[:-1]), tuple(logits.stride()[:-1]), logits.stride(-1))
