@@ -18,6 +18,7 @@ kind of sample has 8192 columns: as many rows, so the same standard error. The f
 layer (linear_token_stats) is measured on hidden states and weights whose every product and sum
 is exact in fp32, so its logits are exactly known and the error is its statistics' alone.
 """
+import importlib.util
 import math
 import os
 
@@ -90,13 +91,13 @@ def test_logp_unbiased(backend, device):
     _check_token_stats(backend, device)
 
 
-def _exact_linear_sample(n_vocab):
+def _exact_linear_sample(n_vocab, n_rows=N_ROWS):
     """hidden [N_ROWS, 32], weight [n_vocab, 32] and bias on grids (1/16, 1/64) small enough
     that every product and every partial sum is exact in fp32, in any order: the logits are
     exactly h @ W.T + b whatever the kernel's tiling. Shaped like _sample: a Gaussian bulk of
     std ~3 and a lifted set of words (here the same for every row: frequent words)."""
     g = torch.Generator().manual_seed(17)
-    h = (torch.randn(N_ROWS, 32, generator=g) * 16).round().clamp(-64, 64) / 16
+    h = (torch.randn(n_rows, 32, generator=g) * 16).round().clamp(-64, 64) / 16
     w = (torch.randn(n_vocab, 32, generator=g) * 0.53 * 64).round().clamp(-256, 256) / 64
     b = torch.full((n_vocab,), -1.0)
     lifted = torch.randint(0, n_vocab, (n_vocab // 48,), generator=g)
@@ -119,13 +120,55 @@ def test_linear_logp_unbiased_cpu(cpu_isa):
 
 
 def _check_linear(backend, device="cpu"):
-    h, w, b, t, exact = _exact_linear_sample(N_VOCAB_INTERPRETED if _interpreted(backend) else N_VOCAB)
+    # The compiled Triton kernel's per-token errors spread wider (std ~1.1e-7 on an H100: the
+    # standard error over 512 rows came out 5.003e-9), so on a GPU the sample has twice the rows.
+    on_gpu = str(device).startswith("cuda")
+    h, w, b, t, exact = _exact_linear_sample(N_VOCAB_INTERPRETED if _interpreted(backend) else N_VOCAB,
+                                             2 * N_ROWS if on_gpu else N_ROWS)
     s = rankops.linear_token_stats(h.to(device), w.to(device), t.to(device), bias=b.to(device), backend=backend)
     _check(backend, s.logp.cpu(), exact)
 
 
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from rankops.ops.token_stats_triton import _exp
+
+    @triton.jit
+    def _apply_exp(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, _exp(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_triton_exp_is_unbiased():
+    # The Triton kernels' exp (token_stats_triton._exp; the CUDA kernel's exp_of is the same
+    # arithmetic): on a dense grid of d <= 0 its mean relative error must be far below the bias
+    # bound, its worst one a few fp32 roundings, and the edge cases exact.
+    pytest.importorskip("triton")
+    from rankops.ops.common import triton_interpreted
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu"
+    d = torch.cat([-torch.linspace(0, 40, 2**18, dtype=torch.float64).float(),
+                   torch.tensor([0.0, -87.0, -87.5, -100.0, -1e30, float("-inf"), float("nan")])]).to(device)
+    y = torch.empty_like(d)
+    _apply_exp[(triton.cdiv(d.numel(), 1024),)](d, y, d.numel(), BLOCK=1024)
+    d, y = d.cpu().double(), y.cpu().double()
+    body = d > -80
+    rel = y[body] / torch.exp(d[body]) - 1
+    # t = d log2(e) is rounded to fp32 once (a relative error of |d| 2^-24 in the result, as
+    # with any fp32 exp), then a few roundings of the polynomial and the product.
+    assert bool((rel.abs() <= 2.0 ** -24 * (d[body].abs() + 4)).all())
+    assert abs(rel.mean().item()) < 1e-9
+    assert y[-7].item() == 1.0
+    assert 0 < y[-6].item() and abs(y[-6].item() / math.exp(-87.0) - 1) <= 2.0 ** -24 * 91
+    assert y[-4:-1].tolist() == [0.0, 0.0, 0.0]  # exp(-100) is below fp32's normal range: 0
+    assert math.isnan(y[-1].item())
+
+
 def test_triton_log2e_split():
-    # The Triton kernels compute exp(d) as exp2(d * LOG2E_HI + d * LOG2E_LO); with the fp32
+    # The Triton kernels compute exp(d) from d * LOG2E_HI + d * LOG2E_LO; with the fp32
     # constant alone every term is 1.3e-8 |d| too large (relative), a bias, not noise.
     triton_ops = pytest.importorskip("rankops.ops.token_stats_triton")
     # tl.constexpr(...) objects (the form every Triton compiles for a GPU); .value is the float.

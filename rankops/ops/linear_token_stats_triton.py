@@ -35,11 +35,11 @@ import triton
 import triton.language as tl
 
 from rankops.ops.common import triton_interpreted
-# exp(d) as exp2(d * LOG2E_HI + d * LOG2E_LO): the fp32 log2(e) alone biases logp (the
-# constants' comment in token_stats_triton; docs/DESIGN.md, "Accuracy of logp"). SAW_*: what a
-# split saw, as bits, the same flags as token_stats_triton's slices: the finish needs them to
-# follow docs/DESIGN.md, logsumexp = NaN if any value is NaN, else +inf if any is +inf.
-from rankops.ops.token_stats_triton import LOG2E_HI, LOG2E_LO, SAW_NAN, SAW_NEG_INF, SAW_POS_INF
+# _exp: token_stats_triton's exp without the one-sided error of the hardware's exp2 (docs/DESIGN.md,
+# "Accuracy of logp"). SAW_*: what a split saw, as bits, the same flags as token_stats_triton's
+# slices: the finish needs them to follow docs/DESIGN.md, logsumexp = NaN if any value is NaN,
+# else +inf if any is +inf.
+from rankops.ops.token_stats_triton import SAW_NAN, SAW_NEG_INF, SAW_POS_INF, _exp
 
 # tl.sum and tl.max are these reductions (for fp32 and int32 inputs); called directly, the
 # interpreter runs them as numpy sums instead of re-entering a jit function per call.
@@ -137,8 +137,11 @@ def _tiles_kernel(hidden_ptr, stride_hm, stride_hk, weight_ptr, stride_wn, strid
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             d = x - shift[:, None]
             d_old = m - shift
-            tile = tl.reduce(tl.exp2(d * LOG2E_HI + d * LOG2E_LO), 1, _sum_combine)
-            s = s * tl.exp2(d_old * LOG2E_HI + d_old * LOG2E_LO).to(tl.float64) + tile.to(tl.float64)
+            # The tile's terms summed in fp64: an fp32 sum loses the small terms after the
+            # large ones, always downwards (+2.5e-8 mean logp error on test_logp_bias's sample
+            # once the exp itself was unbiased; docs/DESIGN.md, "Accuracy of logp").
+            tile = tl.reduce(_exp(d).to(tl.float64), 1, _sum_combine)
+            s = s * _exp(d_old).to(tl.float64) + tile.to(tl.float64)
             m = m_new
             # z_t from this very tile: at most one column of a row matches in this program,
             # every other addend is -0.0, the identity of IEEE addition (x + -0.0 = x for
