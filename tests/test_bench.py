@@ -1,7 +1,10 @@
 """`rankops bench` (rankops.bench): checks before it times, the table, the JSON rows, and a loud
 failure, not a timing, when a backend is wrong."""
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +147,16 @@ def test_the_benchmark_script_is_the_same_benchmark(tmp_path):
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert {row["backend"] for row in rows} == {"read_amax", "read_sum", "torch", "cpu", "acc_cpu"}
     assert "| candidate |" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or importlib.util.find_spec("triton") is None,
+                    reason="needs nvcc and Triton (no GPU)")
+def test_kernel_census_finds_each_streaming_loop():
+    # bench/kernel_census.py: the hot loop of each GPU kernel, found in its sm_90 SASS. A loop
+    # of the streaming kind holds at least one instruction per element (the exp alone is more).
+    out = subprocess.run([sys.executable, str(REPO / "bench/kernel_census.py")], capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    per_element = dict(re.findall(r"^(cuda \w+|triton \w+)\s.*=\s+([\d.]+) per element", out.stdout, re.M))
+    assert set(per_element) == {"cuda bf16", "cuda fp16", "cuda fp32", "triton bf16", "triton fp32"}, out.stdout
+    assert all(10 < float(v) < 200 for v in per_element.values()), per_element

@@ -53,7 +53,9 @@ def token_stats():
     from rankops.ops import token_stats_triton as m
     layout = dict(zip(("ROW_COUNT", "ROW_SUM_HI", "ROW_SUM_LO", "ROW_COUNT_PESS", "ROW_SUM_HI_PESS",
                        "ROW_SUM_LO_PESS"), range(6)))
-    for (logits, bf16_bits), n_lead, external in itertools.product(LOGITS, (1, 3), (False, True)):
+    # Compiled, token_stats' launcher passes bf16 as bf16 (the bits only under the interpreter).
+    for (logits, bf16_bits), n_lead, external in itertools.product(LOGITS + (("bf16", False),), (1, 3),
+                                                                    (False, True)):
         lead = ("i64",) * n_lead
         types = {"logits_ptr": "*" + logits, "targets_ptr": "*i64", "lead_sizes": lead, "lead_strides": lead,
                  "stride_col": "i64", "n_cols": "i64", "ignore_index": "i64", "part_sum_ptr": "*fp64",
@@ -61,9 +63,9 @@ def token_stats():
                  "rank_ptr": "*i64", "ties_ptr": "*i64", "bad_ptr": "*i32", "stats_ptr": "*i64",
                  "hist_len": "i64"}
         flags = dict(N_LEAD=n_lead, EXTERNAL=external, BF16_BITS=bf16_bits)
-        for block in (16, 4096):
+        for block in (16, 2048):  # the launcher's smallest and largest tiles, and its warps
             compile_kernel(m._slice_kernel, types, dict(flags, SLICE=m.SLICE_COLS, BLOCK=block),
-                           num_warps=8 if block >= 2048 else 4)
+                           num_warps=max(1, min(8, block // 256)))
         for accumulate in (False,) if external else (False, True):
             ptx = compile_kernel(m._finish_kernel, types, dict(
                 flags, ACCUMULATE=accumulate, LOGP_SCALE=2.0 ** 40 if accumulate else 0.0,
