@@ -185,6 +185,14 @@ bench_tokens() {
     && status bench_token_stats "ok: $(wc -l < "$out") rows" || status bench_token_stats "FAIL: see bench_token_stats.log"
 }
 
+exp2_bias() {
+  # The GPU's exp2 instruction's bias on a row's sum, for the choice of the kernels' exp
+  # (bench/exp2_error.py; seconds). Its JSON line goes with the logs.
+  local extra=(); [ $DRY = 1 ] && extra=(--rows 16 --cols 512)
+  step exp2_error 120 "$PY" bench/exp2_error.py "${extra[@]}" --json "$LOGS/exp2_error.jsonl" \
+    && status exp2_error "ok: $(tail -1 "$LOGS/exp2_error.log" | cut -c1-120)" || status exp2_error "FAIL: see exp2_error.log"
+}
+
 bench_quick() {
   # The headline and few-row shapes (bf16; RANKOPS_QUICK_DTYPES to change), when the tests left
   # time (build+test).
@@ -247,10 +255,10 @@ say "phase $PHASE, out $OUTDIR, state $STATE$([ $DRY = 1 ] && echo ', DRY RUN on
 environment
 install_wheels
 case "$PHASE" in
-  build+test) build; run_tests; bench_quick ;;
+  build+test) build; run_tests; exp2_bias; bench_quick ;;
   bench)      build; bench_tokens; bench_eval ;;
   bench-grad) build; bench_grad ;;
-  all)        build; run_tests; bench_tokens; bench_eval; bench_grad ;;
+  all)        build; run_tests; exp2_bias; bench_tokens; bench_eval; bench_grad ;;
 esac
 finish
 grep -q FAIL "$STATUS" && exit 1 || exit 0

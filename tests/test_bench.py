@@ -160,3 +160,17 @@ def test_kernel_census_finds_each_streaming_loop():
     per_element = dict(re.findall(r"^(cuda \w+|triton \w+)\s.*=\s+([\d.]+) per element", out.stdout, re.M))
     assert set(per_element) == {"cuda bf16", "cuda fp16", "cuda fp32", "triton bf16", "triton fp32"}, out.stdout
     assert all(10 < float(v) < 200 for v in per_element.values()), per_element
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_exp2_error_measures_every_kind_of_row(tmp_path):
+    # bench/exp2_error.py (for a GPU) runs its logic under the interpreter: each kind of row's
+    # mean relative sum error, finite and small (numpy's exp2 there), and one JSON line.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    rows = tmp_path / "exp2.jsonl"
+    out = subprocess.run([sys.executable, str(REPO / "bench/exp2_error.py"), "--rows", "16", "--cols", "512",
+                          "--json", str(rows)], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(rows.read_text())["sum_rel_error"]
+    assert set(got) == {"uniform", "gaussian", "gaussian_bf16", "peaked"}
+    assert all(abs(v["mean"]) < 1e-7 and v["se"] > 0 for v in got.values()), got
