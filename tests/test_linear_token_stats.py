@@ -6,13 +6,12 @@ logits bit for bit, on the same backend. Random inputs agree within rounding.
 
 Inputs are made on the CPU and moved to where the backend needs them (device_for: a GPU for
 "triton" unless it runs interpreted); references are computed, and results compared, on the CPU."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rankops
+from conftest import runs_on_host
 from rankops.ops import linear_token_stats as lts
 from rankops.ops.token_stats import TokenStats
 
@@ -27,8 +26,8 @@ V_TRITON, SPLIT_TRITON = 3000, 1024
 
 def device_for(backend):
     """Where a backend's inputs must live: "triton" takes CUDA tensors, or CPU tensors under its
-    interpreter (TRITON_INTERPRET=1, how CI runs it without a GPU); the others here, CPU tensors."""
-    if backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreter (conftest's runs_on_host); the others here (and "auto"), CPU tensors."""
+    if backend == "triton" and not runs_on_host(backend) and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 

@@ -115,13 +115,12 @@ def _lane_update(x, z_t, m, s, gt, eq, lo, inside, MASKED: tl.constexpr):
     exp(-inf) = 0, counts above nothing) and is kept out of eq and lo by `inside`."""
     if MASKED:  # a masked lane is -inf whatever the load's `other` gave
         x = tl.where(inside, x, float("-inf"))
-    gt += (x > z_t).to(tl.int32)
-    if MASKED:
         eq += (inside & (x == z_t)).to(tl.int32)
         lo = tl.where(inside & (x < lo), x, lo)
     else:
         eq += (x == z_t).to(tl.int32)
         lo = tl.where(x < lo, x, lo)
+    gt += (x > z_t).to(tl.int32)
     a = -tl.abs(x - m)  # subtract before scaling by log2(e): x * log2(e) alone overflows near FLT_MAX
     e = _exp(a)
     up = x > m
