@@ -96,8 +96,7 @@ def triton_census(tmp):
                  "lead_sizes": ("i64",), "lead_strides": ("i64",), "n_cols": "i64", "ignore_index": "i64",
                  "part_max_ptr": "*fp32", "part_sum_ptr": "*fp64", "part_gt_ptr": "*i64",
                  "part_eq_ptr": "*i64", "part_bad_ptr": "*i32", "n_slices": "i64"}
-        block = 2048
-        warps = max(1, min(8, block // 256))
+        block, warps = m.slice_config(1 << 17)  # the launcher's tile for a large vocabulary
         const = dict(N_LEAD=1, EXTERNAL=False, BF16_BITS=False, SLICE=m.SLICE_COLS, BLOCK=block, stride_col=1)
         sig = {n: "constexpr" if n in const else types[n] for n in names}
         # What Triton's launcher specialises at run time on aligned, contiguous rows of a

@@ -22,6 +22,15 @@ import triton.language as tl
 from rankops.ops.common import triton_interpreted
 
 SLICE_COLS = 16384   # columns per program: keeps few-row, huge-V inputs spread over the GPU
+
+
+def slice_config(n_cols: int):
+    """(BLOCK, num_warps) of _slice_kernel for rows of n_cols: 8 elements a thread per tile (one
+    or two 16-byte loads), SLICE_COLS / BLOCK terms per lane. bench/kernel_census.py compiles
+    the kernel with these too."""
+    block = min(2048, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
+    return block, max(1, min(8, block // 256))
+
 # log2(e) = LOG2E_HI + LOG2E_LO. exp(d) as exp2(d * LOG2E_HI) alone has a one-sided error: the
 # fp32 constant is 1.3e-8 (relative) low, so every term exp(d), d <= 0, comes out (1 + 1.3e-8 |d|)
 # too large, the sum too, and logp low by ~1.3e-8 times the mean |d| under the softmax (a few
@@ -302,8 +311,7 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_col
     geometry = (tuple(logits.shape[:-1]), tuple(logits.stride()[:-1]), logits.stride(-1))
     external = target_logit is not None
     n_slices = triton.cdiv(n_cols, SLICE_COLS)
-    # 8 elements a thread per tile (one or two 16-byte loads), SLICE_COLS / BLOCK terms per lane.
-    block = min(2048, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
+    block, warps = slice_config(n_cols)
     part_max = torch.empty(n_rows * n_slices, dtype=torch.float32, device=device)
     part_sum = torch.empty(n_rows * n_slices, dtype=torch.float64, device=device)
     part_gt = torch.empty(n_rows * n_slices, dtype=torch.int64, device=device)
@@ -315,7 +323,7 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_col
     _slice_kernel[(n_rows, n_slices)](
         logits, targets, target_logit_arg, *geometry, n_cols, ignore_index, *parts,
         SLICE=SLICE_COLS, BLOCK=block, N_LEAD=len(geometry[0]), EXTERNAL=external,
-        BF16_BITS=bf16_bits, num_warps=max(1, min(8, block // 256)))
+        BF16_BITS=bf16_bits, num_warps=warps)
     accumulate = stats is not None
     layout = dict(zip(("ROW_COUNT", "ROW_SUM_HI", "ROW_SUM_LO", "ROW_COUNT_PESS", "ROW_SUM_HI_PESS",
                        "ROW_SUM_LO_PESS"), rows if accumulate else (0,) * 6))

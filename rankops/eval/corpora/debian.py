@@ -27,8 +27,6 @@ from rankops.eval.corpora.corpus import CorpusError
 
 __all__ = ["FetchError", "fetch_packages", "is_unpacked", "package_root"]
 
-_MARKER = UNPACKED_MARKER
-
 
 class FetchError(CorpusError):
     """The corpora's Debian packages could not be fetched or unpacked; the message says what to
@@ -45,7 +43,7 @@ def package_root(package: str) -> Path:
 
 
 def is_unpacked(package: str) -> bool:
-    return (package_root(package) / _MARKER).is_file()
+    return (package_root(package) / UNPACKED_MARKER).is_file()
 
 
 def _log(message: str) -> None:
@@ -123,7 +121,7 @@ def _unpack(package: str, deb: Path, workdir: Path) -> None:
     proc = _run(["dpkg-deb", "-x", str(deb), str(staging)], workdir, timeout=300)
     if proc.returncode != 0:
         raise FetchError(f"dpkg-deb -x {deb.name} failed: {_apt_error(proc)}")
-    (staging / _MARKER).write_text(deb.name + "\n")
+    (staging / UNPACKED_MARKER).write_text(deb.name + "\n")
     target = package_root(package)
     if target.exists():  # a previous fetch (--force) or a half-finished one: set aside, then gone
         old = workdir / f"{package}.old"
