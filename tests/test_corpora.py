@@ -357,6 +357,7 @@ def test_cpython_stdlib():
 # --- built-ins fetched into rankops' cache (no download: fake trees, a fake apt-get) ---------------
 
 from rankops.eval.corpora import debian  # noqa: E402
+from rankops.eval.cache import debian_dir  # noqa: E402
 
 SYSTEM_AUSTEN = Path("/usr/lib/R/site-library/janeaustenr/data")
 SYSTEM_BIBLE = (Path("/usr/bin/bible"), Path("/usr/lib/bible.data"), Path("/usr/lib/bible.data.conc"))
@@ -497,8 +498,8 @@ def test_fetch_unpacks_into_the_cache(fake_apt, monkeypatch, lists_known):
     calls = fake_apt.read_text().splitlines()
     assert len(calls) == (1 if lists_known else 3)  # download; or download, update, download
     assert any("downloaded" in m for m in messages)
-    assert not (debian.packages_dir() / ".apt").exists()  # private lists removed
-    assert [p.name for p in debian.packages_dir().iterdir()] == ["r-cran-janeaustenr"]  # no temporaries
+    assert not (debian_dir() / ".apt").exists()  # private lists removed
+    assert [p.name for p in debian_dir().iterdir()] == ["r-cran-janeaustenr"]  # no temporaries
     # Already there: nothing is downloaded again, unless forced.
     debian.fetch_packages(["r-cran-janeaustenr"], log=messages.append)
     assert len(fake_apt.read_text().splitlines()) == len(calls)

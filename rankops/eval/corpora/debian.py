@@ -33,13 +33,9 @@ class FetchError(CorpusError):
     do instead."""
 
 
-def packages_dir() -> Path:
-    return debian_dir()
-
-
 def package_root(package: str) -> Path:
     """Where `package`'s files lie once fetched: its file /usr/lib/x is package_root/usr/lib/x."""
-    return packages_dir() / package
+    return debian_dir() / package
 
 
 def is_unpacked(package: str) -> bool:
@@ -74,13 +70,13 @@ def _apt_options(private_lists: bool) -> List[str]:
         # then warns and downloads as root anyway. Say so up front and keep the output clean.
         opts += ["-o", "APT::Sandbox::User=root"]
     if private_lists:
-        state = packages_dir() / ".apt"
+        state = debian_dir() / ".apt"
         opts += ["-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}"]
     return opts
 
 
 def _update_private_lists(log: Callable[[str], None]) -> None:
-    state = packages_dir() / ".apt"
+    state = debian_dir() / ".apt"
     for d in (state / "lists" / "partial", state / "cache" / "archives" / "partial"):
         d.mkdir(parents=True, exist_ok=True)
     log(f"this system's package lists do not have them; reading Debian's lists into {state} "
@@ -145,7 +141,7 @@ def fetch_packages(packages: Iterable[str], *, force: bool = False,
     if missing_tools:
         raise FetchError(f"fetching {' '.join(todo)} needs {' and '.join(missing_tools)} (Debian, "
                          "Ubuntu and their derivatives), which this system does not have")
-    root = packages_dir()
+    root = debian_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
