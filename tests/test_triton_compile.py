@@ -63,9 +63,10 @@ def token_stats():
                  "rank_ptr": "*i64", "ties_ptr": "*i64", "bad_ptr": "*i32", "stats_ptr": "*i64",
                  "hist_len": "i64"}
         flags = dict(N_LEAD=n_lead, EXTERNAL=external, BF16_BITS=bf16_bits)
-        for block in (16, 2048):  # the launcher's smallest and largest tiles, and its warps
+        for n_cols in (16, 1 << 17):  # the launcher's smallest and largest tiles, with its warps
+            block, warps = m.slice_config(n_cols)
             compile_kernel(m._slice_kernel, types, dict(flags, SLICE=m.SLICE_COLS, BLOCK=block),
-                           num_warps=max(1, min(8, block // 256)))
+                           num_warps=warps)
         for accumulate in (False,) if external else (False, True):
             ptx = compile_kernel(m._finish_kernel, types, dict(
                 flags, ACCUMULATE=accumulate, LOGP_SCALE=2.0 ** 40 if accumulate else 0.0,
