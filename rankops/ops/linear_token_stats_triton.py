@@ -141,7 +141,7 @@ def _tiles_kernel(hidden_ptr, stride_hm, stride_hk, weight_ptr, stride_wn, strid
             # large ones, always downwards (+2.5e-8 mean logp error on test_logp_bias's sample
             # once the exp itself was unbiased; docs/DESIGN.md, "Accuracy of logp").
             tile = tl.reduce(_exp(d).to(tl.float64), 1, _sum_combine)
-            s = s * _exp(d_old).to(tl.float64) + tile.to(tl.float64)
+            s = s * _exp(d_old).to(tl.float64) + tile
             m = m_new
             # z_t from this very tile: at most one column of a row matches in this program,
             # every other addend is -0.0, the identity of IEEE addition (x + -0.0 = x for
