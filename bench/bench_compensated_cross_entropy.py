@@ -37,6 +37,7 @@ import rankops
 from rankops.bench import DTYPES, environment, host_peak_extra_mb, l2_flush, time_interleaved
 from rankops.bench import peak_extra_mb as cuda_peak_extra_mb
 from rankops.bench import fmt as _fmt
+from rankops.ops.common import triton_interpreted
 
 LAM = 0.3
 DEFAULTS = {"cpu": ([2048], [50304, 128256]), "cuda": ([4096, 16384], [50304, 128256, 151936])}
@@ -67,7 +68,7 @@ def candidates(device, backends, compile_backend="inductor"):
     if device == "cuda" or compile_backend != "inductor":
         compiled = torch.compile(F.cross_entropy, backend=compile_backend, dynamic=False)
         fns["torch-compiled"] = lambda x, t: compiled(x, t).backward()
-    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device == "cuda" or triton_interpreted():
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
             fns["liger"] = lambda x, t: liger_cross_entropy(x, t).backward()

@@ -21,12 +21,13 @@ logits lifted by up to 10, as tests/test_logp_bias.py's sample). If the values o
 import argparse
 import json
 import math
-import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
+
+from rankops.ops.common import triton_interpreted
 
 LOG2E = 1.4426950408889634
 
@@ -72,7 +73,7 @@ def main(argv=None):
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--json", metavar="PATH", help="append the results as one JSON line")
     args = p.parse_args(argv)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = triton_interpreted()
     if not torch.cuda.is_available() and not interpreted:
         sys.exit("exp2_error: needs a GPU (or TRITON_INTERPRET=1 to check the logic on a CPU)")
     device = "cpu" if interpreted else "cuda"

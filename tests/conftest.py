@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 import rankops
 from rankops import _ext
+from rankops.ops.common import triton_interpreted
 
 # A source checkout imported without its build would silently skip the C++ kernel's tests.
 if not _ext.has_cpu_kernel() and os.environ.get("RANKOPS_ALLOW_NO_EXTENSION") != "1":
@@ -22,7 +23,7 @@ HOST_BACKENDS = ("cpu", "torch")  # backends that take CPU tensors; the others n
 
 def runs_on_host(name):
     # Triton kernels run on CPU tensors under its interpreter (how CI checks them without a GPU).
-    return name in HOST_BACKENDS or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    return name in HOST_BACKENDS or (name == "triton" and triton_interpreted())
 
 
 @pytest.fixture(params=rankops.available_backends())

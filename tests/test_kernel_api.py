@@ -9,7 +9,6 @@ its caller, and the memory-safety checks of the binding.
 import ast
 import importlib.util
 import inspect
-import os
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from rankops import _ext
 from rankops.accumulate import RankAccumulator
 from rankops.ops.accumulate import (COUNT, COUNT_PESS, LAYOUT as STATE_LAYOUT, LOGP_LIMIT, LOGP_SCALE,
                                     SUM_HI, SUM_HI_PESS, SUM_LO, SUM_LO_PESS)
+from rankops.ops.common import triton_interpreted
 
 STATE_ROWS = (COUNT, SUM_HI, SUM_LO, COUNT_PESS, SUM_HI_PESS, SUM_LO_PESS)
 LAYOUT = STATE_LAYOUT.kernel_constants()
@@ -26,7 +26,7 @@ ON_GPU = torch.cuda.is_available()
 
 def _kernels():
     names = ["cpu"] if _ext.has_cpu_kernel() else []
-    if importlib.util.find_spec("triton") is not None and (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"):
+    if importlib.util.find_spec("triton") is not None and (ON_GPU or triton_interpreted()):
         names.append("triton")
     if ON_GPU and _ext.has_cuda_kernel():
         names.append("cuda")

@@ -20,13 +20,12 @@ is exact in fp32, so its logits are exactly known and the error is its statistic
 """
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
 import rankops
-from rankops.ops.common import LINEAR_BACKENDS
+from rankops.ops.common import LINEAR_BACKENDS, triton_interpreted
 
 BIAS_BOUND = 2e-8   # |mean(logp - logp_float64)|
 SE_BOUND = 5e-9     # standard error of that mean: the sample must resolve BIAS_BOUND
@@ -55,7 +54,7 @@ def _targets_and_logp(z, g):
 
 
 def _interpreted(backend):
-    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return backend == "triton" and triton_interpreted()
 
 
 def _check(backend, logp, exact):
@@ -146,7 +145,6 @@ def test_triton_exp_is_unbiased():
     # arithmetic): on a dense grid of d <= 0 its mean relative error must be far below the bias
     # bound, its worst one a few fp32 roundings, and the edge cases exact.
     pytest.importorskip("triton")
-    from rankops.ops.common import triton_interpreted
     if not (torch.cuda.is_available() or triton_interpreted()):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu"
