@@ -31,6 +31,7 @@ def slice_config(n_cols: int):
     block = min(2048, triton.next_power_of_2(min(n_cols, SLICE_COLS)))
     return block, max(1, min(8, block // 256))
 
+
 # log2(e) = LOG2E_HI + LOG2E_LO. exp(d) as exp2(d * LOG2E_HI) alone has a one-sided error: the
 # fp32 constant is 1.3e-8 (relative) low, so every term exp(d), d <= 0, comes out (1 + 1.3e-8 |d|)
 # too large, the sum too, and logp low by ~1.3e-8 times the mean |d| under the softmax (a few
