@@ -83,8 +83,6 @@ def cuda_census(tmp):
 
 
 def triton_census(tmp):
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -119,6 +117,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
     args = p.parse_args(argv)
+    # This compiles for a GPU target and runs nothing, so Triton must not be in interpreter mode.
+    # Triton reads TRITON_INTERPRET when it is first imported (its @jit then makes interpreted
+    # functions, which its compiler rejects), and cuda_census already imports it for cuobjdump:
+    # drop the variable before either census, not inside the Triton one.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory() as tmp:
         if "cuda" in args.backends:
             cuda_census(tmp)
